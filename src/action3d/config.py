@@ -1,0 +1,221 @@
+"""Typed params: params.yaml + dotted overrides -> one frozen `Params` object.
+
+params.yaml is the one source of truth for every knob. DVC reads it for stage dependencies, the CLI, Prefect
+flows and Optuna change it with the same dotted overrides (`finetune.lr=0.01`), and every stage receives the
+validated `Params`. An unknown key is an error that names it and suggests the closest known key.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from action3d.errors import Action3dError
+
+
+class ParamsError(Action3dError):
+    """params.yaml or an override is wrong; the message says which key and what to do."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --- demo data -------------------------------------------------------------------------------------------------
+
+
+class SynthPretrain(Section):
+    classes: int = 24
+    train_per_class: int = 30
+    val_per_class: int = 4
+    test_per_class: int = 4
+
+
+class SynthFinetune(Section):
+    classes: int = 10
+    groups: int = 7
+    clips_per_group: int = 3
+
+
+class Synth(Section):
+    seed: int = 0
+    width: int = 320
+    height: int = 240
+    fps: int = 25
+    seconds: float = 2.4
+    pretrain: SynthPretrain = SynthPretrain()
+    finetune: SynthFinetune = SynthFinetune()
+    hmdb51: bool = False
+
+
+class Split(Section):
+    pretrain_layout: Literal["kinetics", "ucf101", "hmdb51", "folder"] = "kinetics"
+    finetune_layout: Literal["kinetics", "ucf101", "hmdb51", "folder"] = "ucf101"
+    split: Literal[1, 2, 3] = 1
+    val_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+    seed: int = 0
+    probe: bool = True
+
+
+class Cache(Section):
+    short_side: int = 128
+
+
+# --- model and training ----------------------------------------------------------------------------------------
+
+
+class Model(Section):
+    name: str = "resnet18"
+    kwargs: dict[str, Any] = {}
+
+
+class Clip(Section):
+    frames: int = 16
+    crop_size: int = 112
+
+
+class Train(Section):
+    epochs: int = 10
+    batch_size: int = 16
+    lr: float = 0.1
+    momentum: float = 0.9
+    dampening: float = 0.9
+    weight_decay: float = 1e-3
+    nesterov: bool = False
+    scheduler: Literal["plateau", "multistep", "cosine"] = "plateau"
+    plateau_patience: int = 10
+    milestones: list[int] = [50, 100, 150]
+    warmup_epochs: int = 0
+    grad_clip: float | None = None
+    bf16: bool = True
+    channels_last: bool = True
+    compile: bool = False
+    workers: int = 2
+
+
+class Finetune(Train):
+    lr: float = 1e-3
+    weight_decay: float = 1e-5
+    ft_begin_module: str = "layer4"
+    init: Literal["pretrain", "scratch", "checkpoint"] = "pretrain"
+    checkpoint: str | None = None  # a 3D-ResNets-PyTorch .pth when init == "checkpoint"
+
+
+class Evaluate(Section):
+    batch_size: int = 16
+    workers: int = 2
+    time_shuffle_control: bool = True
+
+
+class Registry(Section):
+    model_name: str = "action3d-demo"
+    metric: str = "video_top1"
+
+
+class Tracking(Section):
+    experiment: str = "action3d"
+
+
+class Params(Section):
+    seed: int = 0
+    synth: Synth = Synth()
+    split: Split = Split()
+    cache: Cache = Cache()
+    model: Model = Model()
+    clip: Clip = Clip()
+    pretrain: Train = Train()
+    finetune: Finetune = Finetune()
+    evaluate: Evaluate = Evaluate()
+    registry: Registry = Registry()
+    tracking: Tracking = Tracking()
+
+    def flat(self) -> dict[str, Any]:
+        """Every knob as a dotted key, for MLflow params and Optuna."""
+        return flatten(self.model_dump())
+
+    def digest(self) -> str:
+        """Stable hash of all knobs: the `params_hash` lineage tag."""
+        blob = json.dumps(self.model_dump(), sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# --- loading ---------------------------------------------------------------------------------------------------
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and value and not dotted.endswith(".kwargs"):
+            flat.update(flatten(value, f"{dotted}."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def _known_keys(model: type[BaseModel] = Params, prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        keys.append(f"{prefix}{name}")
+        sub = field.annotation
+        if isinstance(sub, type) and issubclass(sub, BaseModel):
+            keys += _known_keys(sub, f"{prefix}{name}.")
+    return keys
+
+
+def _unknown_key_message(dotted: str, source: str) -> str:
+    hint = difflib.get_close_matches(dotted, _known_keys(), n=1)
+    also = f" Did you mean '{hint[0]}'?" if hint else ""
+    return f"{source}: unknown key '{dotted}'.{also} Known keys are listed in params.yaml."
+
+
+def apply_override(raw: dict[str, Any], override: str) -> None:
+    """Apply one `dotted.key=value` override in place; the value is parsed as YAML (`0.01`, `true`, `[1, 2]`)."""
+    if "=" not in override:
+        raise ParamsError(f"override '{override}' is not of the form key=value (e.g. finetune.lr=0.01)")
+    dotted, text = override.split("=", 1)
+    *parents, leaf = dotted.strip().split(".")
+    node = raw
+    for i, part in enumerate(parents):
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ParamsError(f"override '{override}': '{'.'.join(parents[: i + 1])}' is a value, not a section")
+    node[leaf] = yaml.safe_load(text)
+
+
+def load_params(path: str | Path = "params.yaml", overrides: list[str] | tuple[str, ...] = ()) -> Params:
+    """Read params.yaml (missing file = all defaults), apply overrides, validate. Unknown keys are errors."""
+    path = Path(path)
+    raw: dict[str, Any] = {}
+    if path.exists():
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ParamsError(f"{path}: not valid YAML: {err}") from err
+        if not isinstance(raw, dict):
+            raise ParamsError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    raw = copy.deepcopy(raw)
+    for override in overrides:
+        apply_override(raw, override)
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise ParamsError(_explain(err, str(path))) from None
+
+
+def _explain(err: ValidationError, source: str) -> str:
+    lines = []
+    for problem in err.errors():
+        dotted = ".".join(str(p) for p in problem["loc"])
+        if problem["type"] == "extra_forbidden":
+            lines.append(_unknown_key_message(dotted, source))
+        else:
+            lines.append(f"{source}: '{dotted}': {problem['msg']} (got {problem.get('input')!r})")
+    return "\n".join(lines)

@@ -1,0 +1,52 @@
+import pytest
+
+from action3d.config import ParamsError, load_params
+
+
+def write(tmp_path, text):
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_when_file_is_missing(tmp_path):
+    params = load_params(tmp_path / "absent.yaml")
+    assert params.finetune.lr == pytest.approx(1e-3)
+    assert params.pretrain.lr == pytest.approx(0.1)
+
+
+def test_file_values_and_dotted_overrides(tmp_path):
+    path = write(tmp_path, "finetune:\n  lr: 0.05\nmodel:\n  name: resnet10\n")
+    params = load_params(path, ["finetune.lr=0.01", "model.kwargs={widen_factor: 0.5}", "pretrain.bf16=false"])
+    assert params.finetune.lr == pytest.approx(0.01)
+    assert params.model.name == "resnet10"
+    assert params.model.kwargs == {"widen_factor": 0.5}
+    assert params.pretrain.bf16 is False
+
+
+def test_unknown_key_in_file_is_named_with_a_suggestion(tmp_path):
+    path = write(tmp_path, "finetune:\n  lrr: 0.05\n")
+    with pytest.raises(ParamsError) as err:
+        load_params(path)
+    assert "finetune.lrr" in str(err.value)
+    assert "finetune.lr" in str(err.value).split("Did you mean")[1]
+    assert str(path) in str(err.value)
+
+
+def test_unknown_override_and_bad_value_are_named(tmp_path):
+    with pytest.raises(ParamsError, match="pretrain.epoch'"):
+        load_params(tmp_path / "absent.yaml", ["pretrain.epoch=3"])
+    with pytest.raises(ParamsError, match="split.split"):
+        load_params(tmp_path / "absent.yaml", ["split.split=4"])
+    with pytest.raises(ParamsError, match="key=value"):
+        load_params(tmp_path / "absent.yaml", ["finetune.lr"])
+
+
+def test_params_are_frozen_and_flatten_to_dotted_keys(tmp_path):
+    params = load_params(tmp_path / "absent.yaml")
+    with pytest.raises(Exception):
+        params.finetune.lr = 1.0
+    flat = params.flat()
+    assert flat["finetune.ft_begin_module"] == "layer4"
+    assert "synth.pretrain.classes" in flat
+    assert params.digest() != load_params(tmp_path / "absent.yaml", ["seed=1"]).digest()
