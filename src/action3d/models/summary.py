@@ -1,0 +1,88 @@
+"""The model table behind `action3d models`: size and cost of every registered network.
+
+Networks are built on the "meta" device (shapes only, no memory, no init
+cost) and their forward FLOPs counted there with torch's FlopCounterMode, so
+the whole table takes seconds.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
+from tqdm import tqdm
+
+from .registry import create_model, list_models, model_family
+
+
+def _meta_model(name: str, **kwargs) -> torch.nn.Module:
+    with torch.device("meta"):
+        return create_model(name, **kwargs).eval()
+
+
+def _params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+class _ShapeOnlyBatchNorm(TorchDispatchMode):
+    """Answer BatchNorm with an empty tensor of the input's shape.
+
+    On "meta" BatchNorm runs a Python decomposition that takes half the time of a
+    forward pass; FlopCounterMode does not count it, so only its shape matters.
+    """
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.native_batch_norm.default:
+            x = args[0]
+            return torch.empty_like(x), x.new_empty(0), x.new_empty(0)
+        return func(*args, **(kwargs or {}))
+
+
+def _flops(model: torch.nn.Module, shape: tuple[int, ...]) -> int:
+    counter = FlopCounterMode(display=False)
+    with counter, _ShapeOnlyBatchNorm(), torch.no_grad():
+        model(torch.empty(shape, device="meta"))
+    return counter.get_total_flops()
+
+
+def count_params(name: str, **kwargs) -> int:
+    """Parameters of registered model `name` built with `kwargs`, without allocating them."""
+    return _params(_meta_model(name, **kwargs))
+
+
+def count_flops(name: str, clip: tuple[int, int, int] = (16, 112, 112), **kwargs) -> int:
+    """Forward FLOPs of one clip [1, n_input_channels, T, H, W] (a multiply-add counts 2)."""
+    return _flops(_meta_model(name, **kwargs), (1, kwargs.get("n_input_channels") or 3, *clip))
+
+
+def model_table(
+    *, n_classes: int = 400, clip: tuple[int, int, int] = (16, 112, 112), progress: bool = False
+) -> list[dict]:
+    """One row per registered model: {"name", "family", "params", "flops"}.
+
+    params: parameter count at `n_classes`; flops: forward FLOPs for one clip of
+    `clip` = (T, H, W) frames, multiply-add = 2.
+    """
+    rows = []
+    for name in tqdm(list_models(), desc="models", disable=not progress):
+        model = _meta_model(name, n_classes=n_classes)
+        rows.append({
+            "name": name,
+            "family": model_family(name),
+            "params": _params(model),
+            "flops": _flops(model, (1, 3, *clip)),
+        })
+    return rows
+
+
+def format_model_table(rows: list[dict]) -> str:
+    """A plain-text table: name, family, params in millions, GFLOPs, one decimal each."""
+    header = ("model", "family", "params (M)", "GFLOPs")
+    body = [(r["name"], r["family"], f"{r['params'] / 1e6:.1f}", f"{r['flops'] / 1e9:.1f}") for r in rows]
+    widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
+    lines = [
+        "  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+        for row in [header, *body]
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
