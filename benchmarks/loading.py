@@ -1,0 +1,289 @@
+"""Video loading throughput: stock pytorchvideo vs the reference's JPEG frames vs our frame-pack cache.
+
+Three ways to get the same clips (same videos, same 16-frame windows) as the same float tensors
+[3, 16, crop, crop], side by side in one run:
+
+  (a) stock pytorchvideo: LabeledVideoDataset + PyAV decoder on the raw 320x240 H.264 videos (sparse keyframes);
+  (b) the reference's way: one JPEG per frame at 320x240 (its generate_video_jpgs.py), read with PIL, resized and
+      centre-cropped per frame with PIL as its spatial transforms do;
+  (c) ours: frame packs at the training resolution (cache.py) through ClipDataset (loaders.py).
+
+Each is timed in one process pinned to one core (clips/s per worker process) and through a DataLoader with one
+worker per core (clips/s for the whole machine); the median of `--repeats` runs is kept. Bytes on disk and files
+per video are counted. JSON goes to benchmarks/results/loading.json; a markdown table is printed.
+
+    python benchmarks/loading.py                      # synthesizes 24 ten-second 320x240 videos first
+    python benchmarks/loading.py --videos 48 --clips 200 --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import time
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+from action3d.data.annotations import build_manifests
+from action3d.data.cache import build_cache, cache_path, read_index
+from action3d.data.loaders import ClipDataset, load_records
+from action3d.data.synthetic import synth_kinetics
+from action3d.data.transforms import KINETICS_MEAN, KINETICS_STD, EvalPreset
+from action3d.data.video import write_atomic_text
+
+HERE = Path(__file__).resolve().parent
+
+
+# --- (a) stock pytorchvideo -----------------------------------------------------------------------------------------
+
+
+class FixedClipSampler:
+    """A pytorchvideo clip sampler that returns the clip named in each video's annotation ("start" seconds)."""
+
+    def __init__(self, clip_duration: Fraction):
+        self.duration = clip_duration
+
+    def __call__(self, last_clip_time, video_duration, annotation):
+        from pytorchvideo.data.clip_sampling import ClipInfo
+
+        start = annotation["start"]
+        return ClipInfo(start, start + self.duration, 0, 0, True)
+
+    def reset(self):
+        pass
+
+
+def stock_dataset(clips, root: Path, records, frames: int, fps: Fraction, crop: int):
+    from pytorchvideo.data import LabeledVideoDataset
+
+    preset = EvalPreset(crop_size=crop)
+
+    def transform(sample):
+        video = sample["video"].permute(1, 0, 2, 3).to(torch.uint8)  # pytorchvideo gives float [C, T, H, W]
+        return {"video": preset(video[:frames]), "label": sample["label"]}
+
+    paths = [(str(root / records[r].path), {"label": records[r].label, "start": Fraction(s) / fps}) for r, s in clips]
+    return LabeledVideoDataset(paths, FixedClipSampler(Fraction(frames) / fps + Fraction(1, 1000)),
+                               video_sampler=torch.utils.data.SequentialSampler, transform=transform,
+                               decode_audio=False, decoder="pyav")
+
+
+# --- (b) JPEG frames + PIL ------------------------------------------------------------------------------------------
+
+
+def extract_jpegs(video: Path, out: Path, quality: int) -> None:
+    """The reference's layout: <out>/image_00001.jpg ... at the video's size."""
+    from PIL import Image
+
+    from action3d.data.video import read_frames
+
+    out.mkdir(parents=True, exist_ok=True)
+    frames, _ = read_frames(video)
+    for i, frame in enumerate(frames, 1):
+        Image.fromarray(frame).save(out / f"image_{i:05d}.jpg", quality=quality)
+
+
+class JpegFrames(Dataset):
+    """The reference's loader: PIL open + convert per frame, Resize(short side) + CenterCrop per frame, normalise."""
+
+    def __init__(self, clips, folders, labels, frames: int, crop: int):
+        self.clips, self.folders, self.labels, self.frames, self.crop = clips, folders, labels, frames, crop
+        self.mean = torch.tensor(KINETICS_MEAN).view(3, 1, 1, 1)
+        self.std = torch.tensor(KINETICS_STD).view(3, 1, 1, 1)
+
+    def __len__(self):
+        return len(self.clips)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        r, start = self.clips[i]
+        out = []
+        for k in range(start + 1, start + 1 + self.frames):
+            with open(self.folders[r] / f"image_{k:05d}.jpg", "rb") as f:
+                img = Image.open(f).convert("RGB")
+            w, h = img.size
+            scale = self.crop / min(w, h)
+            img = img.resize((round(w * scale), round(h * scale)), Image.BILINEAR)
+            w, h = img.size
+            left, top = (w - self.crop) // 2, (h - self.crop) // 2
+            out.append(np.asarray(img.crop((left, top, left + self.crop, top + self.crop))))
+        clip = torch.from_numpy(np.stack(out)).permute(3, 0, 1, 2).float().div_(255)
+        return {"video": (clip - self.mean) / self.std, "label": self.labels[r]}
+
+
+# --- timing ---------------------------------------------------------------------------------------------------------
+
+
+def clips_per_second_one_process(dataset) -> float:
+    """Read every clip of `dataset` in this process (no DataLoader), pinned to one core: decoders that start
+    threads of their own (FFmpeg's, in PyAV) get no more than the one core a DataLoader worker has."""
+    items = iter(dataset) if isinstance(dataset, IterableDataset) else (dataset[i] for i in range(len(dataset)))
+    cores = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(cores)})
+    try:
+        start, count = time.perf_counter(), 0
+        for item in items:
+            assert item["video"].ndim == 4
+            count += 1
+        return count / (time.perf_counter() - start)
+    finally:
+        os.sched_setaffinity(0, cores)
+
+
+def clips_per_second_loader(dataset, workers: int, batch: int = 4) -> float:
+    """Read every clip through a DataLoader with `workers` processes; the first batch (start-up) is not timed."""
+    loader = DataLoader(dataset, batch_size=batch, num_workers=workers, collate_fn=lambda b: b)
+    it = iter(loader)
+    next(it)
+    start, count = time.perf_counter(), 0
+    for b in it:
+        count += len(b)
+    return count / (time.perf_counter() - start) if count else float("nan")
+
+
+def folder_bytes(paths) -> tuple[int, int]:
+    files = [p for p in paths if p.is_file()]
+    return sum(p.stat().st_size for p in files), len(files)
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workdir", type=Path, default=None, help="where to put videos and caches (default: a temp dir)")
+    ap.add_argument("--videos", type=int, default=24)
+    ap.add_argument("--seconds", type=float, default=10.0, help="per raw video (Kinetics clips are 10 s)")
+    ap.add_argument("--crf", type=int, default=18, help="H.264 quality of the raw videos (18: about 400 kb/s)")
+    ap.add_argument("--clips", type=int, default=120, help="clips timed per repeat in one process")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--clip-frames", type=int, default=16)
+    ap.add_argument("--crop", type=int, default=112)
+    ap.add_argument("--short-side", type=int, default=128, help="resolution of our cache")
+    ap.add_argument("--jpeg-quality", type=int, default=75, help="of the reference-style frames (PIL default)")
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--out", type=Path, default=HERE / "results" / "loading.json")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+
+    tmp = tempfile.TemporaryDirectory() if args.workdir is None else None
+    work = Path(tmp.name) if tmp else args.workdir
+    raw = work / "raw"
+    if not (raw / "kinetics_train.csv").exists():
+        per_class = max(1, args.videos // 4)
+        synth_kinetics(raw, classes=4, train_per_class=per_class, val_per_class=0, test_per_class=0,
+                       seconds=args.seconds, crf=args.crf, seed=123)
+    build_manifests("kinetics", raw, work / "splits", val_fraction=0.0, progress=False)
+    build_cache(work / "splits", raw, work / "cache", short_side=args.short_side)
+    records, _ = load_records(work / "splits" / "train.csv", work / "cache")
+    jpeg_dirs = [work / "jpg" / Path(r.path).with_suffix("") for r in records]
+    for rec, folder in zip(records, jpeg_dirs):
+        if not (folder / "image_00001.jpg").exists():
+            extract_jpegs(raw / rec.path, folder, args.jpeg_quality)
+
+    rng = random.Random(0)
+    fps = Fraction(records[0].fps).limit_denominator(1001)
+    clips = []  # the same clips for every method: (record, first frame)
+    for _ in range(args.clips * args.repeats):
+        r = rng.randrange(len(records))
+        clips.append((r, rng.randrange(0, records[r].frames - args.clip_frames + 1)))
+
+    ours = _ours(records, args, clips)
+    reference = JpegFrames(clips, jpeg_dirs, [r.label for r in records], args.clip_frames, args.crop)
+    # sanity: the three produce the same shape
+    stock = next(iter(stock_dataset(clips[:1], raw, records, args.clip_frames, fps, args.crop)))
+    shapes = {tuple(ours[0]["video"].shape), tuple(reference[0]["video"].shape), tuple(stock["video"].shape)}
+    assert len(shapes) == 1, shapes
+
+    index = read_index(work / "cache")
+    sizes = {
+        "stock pytorchvideo + PyAV, raw 320x240": folder_bytes([raw / r.path for r in records]),
+        "JPEG frames + PIL (reference)": folder_bytes([p for d in jpeg_dirs for p in d.iterdir()]),
+        f"frame packs + our loader ({args.short_side} px)": folder_bytes(
+            [cache_path(work / "cache", r.path) for r in records]),
+    }
+    makers = {
+        "stock pytorchvideo + PyAV, raw 320x240": lambda sub: stock_dataset(
+            sub, raw, records, args.clip_frames, fps, args.crop),
+        "JPEG frames + PIL (reference)": lambda sub: JpegFrames(
+            sub, jpeg_dirs, [r.label for r in records], args.clip_frames, args.crop),
+        f"frame packs + our loader ({args.short_side} px)": lambda sub: _ours(records, args, sub),
+    }
+    results = {}
+    for name, make in makers.items():
+        n = args.clips // (4 if "stock" in name else 1)  # the stock loader is slow: fewer clips, same ones
+        one = [clips_per_second_one_process(make(clips[k * n:(k + 1) * n])) for k in range(args.repeats)]
+        many = [clips_per_second_loader(make(clips[k * n:(k + 1) * n]), args.workers) for k in range(args.repeats)]
+        nbytes, nfiles = sizes[name]
+        results[name] = {
+            "clips_per_s_per_process": statistics.median(one),
+            "clips_per_s_machine": statistics.median(many),
+            "bytes_per_video": nbytes / len(records),
+            "files_per_video": nfiles / len(records),
+            "clips_per_repeat": n,
+            "repeats_per_process": one,
+            "repeats_machine": many,
+        }
+        print(f"{name}: {results[name]['clips_per_s_per_process']:.1f} clips/s per process, "
+              f"{results[name]['clips_per_s_machine']:.1f} machine", flush=True)
+
+    names = list(results)
+    base_a, base_b, ours = (results[n] for n in names)
+    report = {
+        "setup": {"videos": len(records), "frames_per_video": records[0].frames, "clip_frames": args.clip_frames,
+                  "raw_crf": args.crf, "raw_kbps": sizes[names[0]][0] / len(records) * 8 / 1e3 / args.seconds,
+                  "crop": args.crop, "cache_short_side": args.short_side, "jpeg_quality": args.jpeg_quality,
+                  "workers": args.workers, "repeats": args.repeats, "clips_per_repeat": args.clips,
+                  "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                  "torch": torch.__version__, "python": sys.version.split()[0],
+                  "cache_index_entries": len(index)},
+        "results": results,
+        "ratios": {
+            "ours_vs_stock_per_process": ours["clips_per_s_per_process"] / base_a["clips_per_s_per_process"],
+            "ours_vs_jpeg_per_process": ours["clips_per_s_per_process"] / base_b["clips_per_s_per_process"],
+            "ours_bytes_vs_jpeg": ours["bytes_per_video"] / base_b["bytes_per_video"],
+        },
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic_text(args.out, json.dumps(report, indent=2) + "\n")
+    print()
+    print(markdown_table(report))
+    if tmp:
+        tmp.cleanup()
+    return report
+
+
+def _ours(records, args, sub):
+    ds = ClipDataset(records, clip_frames=args.clip_frames, transform=EvalPreset(crop_size=args.crop), train=False)
+    ds.clips = sub
+    return ds
+
+
+def markdown_table(report: dict) -> str:
+    rows = ["| loader | clips/s, one process | clips/s, machine | bytes per video | files per video |",
+            "| --- | ---: | ---: | ---: | ---: |"]
+    for name, r in report["results"].items():
+        rows.append(f"| {name} | {r['clips_per_s_per_process']:.1f} | {r['clips_per_s_machine']:.1f} | "
+                    f"{r['bytes_per_video'] / 1e3:.0f} KB | {r['files_per_video']:.0f} |")
+    ratios = report["ratios"]
+    rows.append("")
+    rows.append(f"ours / stock: {ratios['ours_vs_stock_per_process']:.1f}x per process; ours / JPEG frames: "
+                f"{ratios['ours_vs_jpeg_per_process']:.1f}x per process; cache bytes / JPEG bytes: "
+                f"{ratios['ours_bytes_vs_jpeg']:.2f}")
+    s = report["setup"]
+    rows.append(f"({s['videos']} videos of {s['frames_per_video']} frames at {s['raw_kbps']:.0f} kb/s, "
+                f"{s['clip_frames']}-frame clips, {s['crop']}x{s['crop']} crops, {s['workers']} workers, "
+                f"median of {s['repeats']} runs, {s['cores']} cores)")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    main()

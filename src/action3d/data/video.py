@@ -1,0 +1,180 @@
+"""Small PyAV helpers shared by the data modules: write a clip atomically, read every frame, probe a file.
+
+Frames are uint8 numpy arrays [T, H, W, 3] (RGB) throughout, the layout PyAV and PIL speak.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".3gp", ".ogv")
+CONTAINER_FORMATS = {".mp4": "mp4", ".avi": "avi", ".mkv": "matroska", ".mov": "mov", ".m4v": "mp4"}
+
+
+def is_video_name(path: str | Path) -> bool:
+    """True when the file name has a video extension (case-insensitive)."""
+    return Path(path).suffix.lower() in VIDEO_EXTENSIONS
+
+
+def atomic_path(path: Path) -> Path:
+    """A fresh temporary name in `path`'s folder with the same suffix (so containers infer the format)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def write_atomic_bytes(path: str | Path, data: bytes) -> None:
+    """Write `data` to `path` through a temporary file in the same folder and os.replace."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = atomic_path(path)
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_atomic_text(path: str | Path, text: str) -> None:
+    write_atomic_bytes(path, text.encode())
+
+
+def write_video(
+    path: str | Path,
+    frames: Iterable[np.ndarray],
+    *,
+    fps: int = 25,
+    gop: int = 250,
+    crf: int = 23,
+    preset: str = "veryfast",
+    bframes: int = 3,
+) -> None:
+    """Encode RGB frames [H, W, 3] uint8 to H.264 (yuv420p) at `path`, atomically.
+
+    `gop` is the keyframe spacing in frames: 250 with scene cuts off mimics downloaded web video (a random seek
+    decodes from the last keyframe). One encoder thread: callers parallelise over files, and one thread keeps
+    the output bit-identical from run to run. Width and height must be even (yuv420p).
+    """
+    import av
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fmt = CONTAINER_FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise ValueError(f"{path}: cannot write a {path.suffix!r} file; use one of {sorted(CONTAINER_FORMATS)}")
+    tmp = atomic_path(path)
+    try:
+        with av.open(str(tmp), mode="w", format=fmt) as container:
+            stream = container.add_stream("libx264", rate=fps)
+            ctx = stream.codec_context
+            ctx.pix_fmt = "yuv420p"
+            ctx.gop_size = gop
+            ctx.max_b_frames = bframes
+            ctx.thread_count = 1
+            ctx.options = {
+                "preset": preset,
+                "crf": str(crf),
+                "x264-params": f"keyint={gop}:min-keyint={gop}:scenecut=0",
+            }
+            opened = False
+            for array in frames:
+                if not opened:
+                    ctx.height, ctx.width = array.shape[:2]
+                    opened = True
+                frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(array), format="rgb24")
+                for packet in stream.encode(frame):
+                    container.mux(packet)
+            if not opened:
+                raise ValueError(f"{path}: no frames to write")
+            for packet in stream.encode():
+                container.mux(packet)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_frames(path: str | Path) -> tuple[np.ndarray, float]:
+    """Decode every frame of the first video stream: (frames uint8 [T, H, W, 3] RGB, frames per second).
+
+    Raises `VideoReadError` naming the file when it cannot be opened or holds no decodable frame.
+    """
+    import av
+
+    path = Path(path)
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise VideoReadError(path, "no video stream")
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            fps = float(stream.average_rate or stream.guessed_rate or 25)
+            frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+    except VideoReadError:
+        raise
+    except Exception as err:  # PyAV raises many types (InvalidDataError, EOFError, ...) for a bad file
+        raise VideoReadError(path, f"{type(err).__name__}: {err}") from err
+    if not frames:
+        raise VideoReadError(path, "no decodable frame")
+    return np.stack(frames), fps
+
+
+class VideoReadError(RuntimeError):
+    """A video could not be read; `path` names it and `reason` says what failed."""
+
+    def __init__(self, path: str | Path, reason: str):
+        self.path, self.reason = str(path), reason
+        super().__init__(f"{path}: unreadable video ({reason})")
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """What a probe learnt about one file. `error` is None for a readable video."""
+
+    path: str
+    frames: int = 0
+    fps: float = 0.0
+    width: int = 0
+    height: int = 0
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def probe_video(path: str | Path, *, decode: bool = True) -> ProbeResult:
+    """Open `path`, read its stream header and (with `decode`) decode its first frame. Never raises.
+
+    The frame count comes from the container when it states one, else from duration x frame rate.
+    """
+    import av
+
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            return ProbeResult(str(path), error="zero-byte file")
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                return ProbeResult(str(path), error="no video stream")
+            stream = container.streams.video[0]
+            fps = float(stream.average_rate or stream.guessed_rate or 0)
+            frames = int(stream.frames or 0)
+            if frames == 0 and stream.duration and stream.time_base and fps:
+                frames = int(round(float(stream.duration * stream.time_base) * fps))
+            if frames == 0 and container.duration and fps:
+                frames = int(round(container.duration / 1e6 * fps))
+            width, height = stream.codec_context.width, stream.codec_context.height
+            if decode:
+                first = next(container.decode(stream), None)
+                if first is None:
+                    return ProbeResult(str(path), error="no decodable frame")
+                width, height = first.width, first.height
+    except Exception as err:  # a probe reports, it never raises
+        return ProbeResult(str(path), error=f"{type(err).__name__}: {err}")
+    return ProbeResult(str(path), frames=frames, fps=fps, width=width, height=height)

@@ -1,0 +1,153 @@
+"""Loaders over the cache: shapes, labels, clips per video, epoch length, time shuffle, bad videos, sharding."""
+
+from __future__ import annotations
+
+import csv
+from fractions import Fraction
+
+import pytest
+import torch
+from pytorchvideo.data.clip_sampling import RandomClipSampler
+
+from action3d.data.annotations import build_manifests, read_manifest
+from action3d.data.cache import build_cache, cache_path
+from action3d.data.loaders import PackedVideo, clip_indices, make_eval_loader, make_train_loader
+
+FAST = dict(workers=1, progress=False)
+CLIP = dict(clip_frames=8, crop_size=16)
+
+
+@pytest.fixture(scope="module")
+def data(ucf_root, tmp_path_factory):
+    """Manifests and a 24-pixel cache of the tiny UCF set (30-frame videos): 12 train, 6 test videos."""
+    out = tmp_path_factory.mktemp("loaders")
+    build_manifests("ucf101", ucf_root, out / "splits", val_fraction=0.0, **FAST)
+    build_cache(out / "splits", ucf_root, out / "cache", short_side=24, **FAST)
+    return out
+
+
+def test_clip_indices_loop_pad_short_videos():
+    assert clip_indices(4, 4, 1, 30) == [4, 5, 6, 7]
+    assert clip_indices(0, 8, 1, 3) == [0, 1, 2, 0, 1, 2, 0, 1]
+    assert clip_indices(26, 4, 2, 30) == [26, 28, 26, 28]
+
+
+def test_train_batches(data):
+    loader = make_train_loader(data / "splits" / "train.csv", data / "cache", batch_size=4, workers=0, seed=1, **CLIP)
+    rows = read_manifest(data / "splits" / "train.csv")
+    assert len(loader) == 12 // 4
+    batches = list(loader)
+    assert len(batches) == 3
+    for batch in batches:
+        assert batch["video"].shape == (4, 3, 8, 16, 16) and batch["video"].dtype == torch.float32
+        assert batch["label"].dtype == torch.int64
+        for index, label in zip(batch["video_index"].tolist(), batch["label"].tolist()):
+            assert int(rows[index]["label"]) == label
+    seen = torch.cat([b["video_index"] for b in batches]).tolist()
+    assert sorted(seen) == list(range(12))  # every video once per epoch
+
+
+def test_epoch_length_is_exact_with_persistent_workers(data):
+    loader = make_train_loader(data / "splits" / "train.csv", data / "cache", batch_size=3, workers=2, seed=0,
+                               drop_last=False, **CLIP)
+    assert loader.persistent_workers
+    for _ in range(2):  # two epochs through the same workers
+        indices = torch.cat([b["video_index"] for b in loader]).tolist()
+        assert sorted(indices) == list(range(12))
+
+
+def test_train_order_follows_the_seed(data):
+    def order(seed):
+        loader = make_train_loader(data / "splits" / "train.csv", data / "cache", batch_size=4, workers=0, seed=seed,
+                                   **CLIP)
+        return torch.cat([b["video_index"] for b in loader]).tolist()
+
+    assert order(3) == order(3) and order(3) != order(4)
+
+
+def test_eval_takes_every_non_overlapping_window(data):
+    loader = make_eval_loader(data / "splits" / "test.csv", data / "cache", batch_size=5, workers=0, **CLIP)
+    assert len(loader.dataset) == 6 * (30 // 8)  # 3 windows of 8 frames in each 30-frame video
+    batches = list(loader)
+    index = torch.cat([b["video_index"] for b in batches])
+    labels = torch.cat([b["label"] for b in batches])
+    assert torch.bincount(index).tolist() == [3] * 6
+    for v in range(6):
+        assert labels[index == v].unique().numel() == 1
+    assert batches[0]["video"].shape == (5, 3, 8, 16, 16)
+
+
+def test_a_video_shorter_than_a_clip_gives_one_padded_clip(data, tmp_path):
+    rows = read_manifest(data / "splits" / "test.csv")
+    manifest = tmp_path / "one.csv"
+    with open(manifest, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerow(rows[0])
+    loader = make_eval_loader(manifest, data / "cache", clip_frames=40, crop_size=16, batch_size=4, workers=0)
+    (batch,) = list(loader)
+    assert batch["video"].shape == (1, 3, 40, 16, 16)
+    assert torch.equal(batch["video"][0, :, 30:], batch["video"][0, :, :10])  # looped from the start
+
+
+def test_time_shuffle_keeps_the_frames_and_changes_their_order(data):
+    args = dict(batch_size=18, workers=0, **CLIP)
+    plain = next(iter(make_eval_loader(data / "splits" / "test.csv", data / "cache", **args)))["video"]
+    shuffled = lambda: next(iter(make_eval_loader(  # noqa: E731
+        data / "splits" / "test.csv", data / "cache", time_shuffle=True, **args)))["video"]
+    mixed, again = shuffled(), shuffled()
+    assert torch.equal(mixed, again)  # a fixed permutation per clip
+    assert not torch.equal(plain, mixed)
+    assert torch.allclose(plain.sort(dim=2).values, mixed.sort(dim=2).values)  # same frames, other order
+
+
+def test_a_bad_video_mid_epoch_is_skipped_and_counted(data, tmp_path, caplog):
+    import shutil
+
+    cache = tmp_path / "cache"
+    shutil.copytree(data / "cache", cache)
+    rows = read_manifest(data / "splits" / "train.csv")
+    loader = make_train_loader(data / "splits" / "train.csv", cache, batch_size=4, workers=2, seed=0, **CLIP)
+    pack = cache_path(cache, rows[5]["path"])
+    pack.write_bytes(pack.read_bytes()[:60])  # damaged after the loader was built
+    seen = torch.cat([b["video_index"] for b in loader]).tolist()
+    assert sorted(seen) == [i for i in range(12) if i != 5]
+    assert loader.skipped_videos == 1
+    seen = torch.cat([b["video_index"] for b in loader]).tolist()  # the count is per pass
+    assert loader.skipped_videos == 1 and len(seen) == 11
+
+
+def test_videos_missing_from_the_cache_are_left_out(data, tmp_path):
+    import shutil
+
+    cache = tmp_path / "cache"
+    shutil.copytree(data / "cache", cache)
+    rows = read_manifest(data / "splits" / "test.csv")
+    (cache / "index.csv").unlink()  # no index: the loader reads the pack headers
+    cache_path(cache, rows[0]["path"]).unlink()
+    loader = make_eval_loader(data / "splits" / "test.csv", cache, batch_size=4, workers=0, **CLIP)
+    assert {r.index for r in loader.dataset.records} == set(range(1, 6))
+
+
+def test_sharding_for_ddp(data):
+    evals = [make_eval_loader(data / "splits" / "test.csv", data / "cache", batch_size=4, workers=0, world_size=2,
+                              rank=r, **CLIP) for r in (0, 1)]
+    shards = [list(e.sampler) for e in evals]
+    assert not set(shards[0]) & set(shards[1]) and sorted(shards[0] + shards[1]) == list(range(18))  # no padding
+    assert [sum(len(b["label"]) for b in e) for e in evals] == [9, 9]
+    train = [make_train_loader(data / "splits" / "train.csv", data / "cache", batch_size=2, workers=0, world_size=2,
+                               rank=r, **CLIP) for r in (0, 1)]
+    assert all(len(t.sampler) == 6 for t in train)
+    parts = [set(t.sampler) for t in train]
+    assert not parts[0] & parts[1] and parts[0] | parts[1] == set(range(12))
+
+
+def test_packed_video_speaks_pytorchvideo(data):
+    rows = read_manifest(data / "splits" / "test.csv")
+    video = PackedVideo(cache_path(data / "cache", rows[0]["path"]))
+    assert video.duration == Fraction(30, 25)
+    clip = video.get_clip(Fraction(4, 25), Fraction(12, 25))["video"]
+    assert clip.shape == (3, 8, 24, 32) and clip.dtype == torch.uint8
+    info = RandomClipSampler(Fraction(8, 25))(0, video.duration, {})
+    assert 0 <= info.clip_start_sec <= video.duration - Fraction(8, 25)
+    assert torch.equal(video.get_clip(0, Fraction(2, 25))["video"].transpose(0, 1), video.frames([0, 1]))
