@@ -1,0 +1,121 @@
+"""torchrun / DDP helpers: one process by default, a process group when launched by torchrun.
+
+torchrun sets RANK, LOCAL_RANK and WORLD_SIZE. `init_distributed()` reads them and joins the group (gloo on CPU,
+nccl on CUDA); without them every helper here answers as the single process of a world of one, so the engine calls
+them unconditionally.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import Sampler
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def init_distributed(backend: str | None = None) -> DistInfo:
+    """Join the process group when launched by torchrun; otherwise describe the single process.
+
+    The device is `cuda:LOCAL_RANK` when CUDA is available, else the CPU. The backend defaults to nccl on CUDA and
+    gloo on the CPU. Calling it twice is harmless.
+    """
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    if not launched_by_torchrun():
+        return DistInfo(0, 1, 0, device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # nccl collectives and all_gather_object use the current device
+    if not dist.is_initialized():
+        dist.init_process_group(backend or ("nccl" if device.type == "cuda" else "gloo"))
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def cleanup() -> None:
+    """Leave the process group (no-op in one process)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main_process() -> bool:
+    """True on rank 0 (and in a single process): the one process that writes files and logs."""
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sum a few scalars over ranks (float64, so counts stay exact). One process: returned as given."""
+    if not is_distributed():
+        return [float(v) for v in values]
+    # nccl reduces CUDA tensors only; gloo reduces CPU tensors
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor.tolist()
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True when `flag` is true on any rank, so every rank takes the same branch (no rank left waiting)."""
+    return all_reduce_sum([float(flag)], device)[0] > 0
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every rank's `obj` (picklable), in rank order. One process: `[obj]`."""
+    if not is_distributed():
+        return [obj]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+class ShardSampler(Sampler[int]):
+    """Rank r of w takes indices r, r + w, r + 2w, ... of a dataset of `length`, in order, without padding.
+
+    For evaluation under DDP: torch's DistributedSampler pads the last shard with repeated samples so that every
+    rank runs the same number of steps, which would count some clips twice. Evaluation gathers the scores of every
+    rank instead, so unequal shards are fine and each clip counts once.
+    """
+
+    def __init__(self, length: int, *, rank: int | None = None, world_size: int | None = None):
+        self.length = length
+        self.rank = get_rank() if rank is None else rank
+        self.world_size = get_world_size() if world_size is None else world_size
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.length, self.world_size))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.length, self.world_size))

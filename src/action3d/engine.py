@@ -1,0 +1,732 @@
+"""Training and evaluation: loops, video-level metrics, optimisers, checkpoints and exact resume. Pure torch.
+
+Nothing here tracks or orchestrates: stages call these functions and log what they return (`fit`'s `on_epoch_end`
+is the hook for that). Batches are the dicts of the data loaders:
+``{"video": float[B, 3, T, H, W], "label": int64[B], "video_index": int64[B]}``.
+
+Under torchrun (see `action3d.distributed`) the same functions run on every rank: metrics are reduced over ranks,
+evaluation gathers per-video score sums from every rank before averaging, and only rank 0 writes checkpoints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Iterable, Literal, Mapping, NamedTuple
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from action3d import distributed as dist
+
+log = logging.getLogger(__name__)
+
+LAST_CHECKPOINT = "last.pt"
+BEST_CHECKPOINT = "best.pt"
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite; `epoch` and `step` say where (the step counts from 0 in that epoch)."""
+
+    def __init__(self, epoch: int, step: int, value: float, hint: str = ""):
+        self.epoch, self.step, self.value, self.hint = epoch, step, value, hint
+        super().__init__(
+            f"loss is {value} at epoch {epoch}, step {step}: training stopped. Lower the learning rate, set a "
+            f"gradient clip, or check that batch's inputs.{(' ' + hint) if hint else ''}"
+        )
+
+    def __reduce__(self):  # picklable (Prefect and multiprocessing ship exceptions between processes)
+        return type(self), (self.epoch, self.step, self.value, self.hint)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written, read, or does not fit this run; the message names the file."""
+
+
+# --- setup -----------------------------------------------------------------------------------------------------
+
+
+def seed_everything(seed: int, *, deterministic: bool = False) -> torch.Generator:
+    """Seed python, numpy and torch (CPU and every GPU); return a fresh generator for a DataLoader's shuffling.
+
+    `deterministic=True` also asks torch and cuDNN for deterministic kernels (slower; warns where none exists).
+    """
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    return torch.Generator().manual_seed(seed)
+
+
+def prepare_model(
+    model: nn.Module, device: torch.device | str, *, channels_last: bool = False, compile: bool = False
+) -> nn.Module:
+    """Move `model` to `device`, optionally channels_last_3d and torch.compile, then wrap it in DDP under torchrun.
+
+    Build the optimizer from the returned model's parameters (they are the same tensors as the input model's).
+    `unwrap_model` gives the plain module back, e.g. for its state_dict.
+    """
+    device = torch.device(device)
+    model = model.to(device)
+    if channels_last:  # NDHWC: faster 3D convolutions with bf16 on CPU and on tensor cores
+        model = model.to(memory_format=torch.channels_last_3d)
+    if compile:
+        model = torch.compile(model)
+    if dist.is_distributed():
+        # DDP outside compile, so that evaluation can run `.module` (compiled, no DDP collectives) on uneven shards
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return model
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The plain module inside DDP and torch.compile wrappers (its state_dict keys carry no prefixes)."""
+    while True:
+        if isinstance(model, DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _without_ddp(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+# --- optimisation: the paper's recipe and the alternatives -----------------------------------------------------
+
+
+def build_optimizer(
+    params: nn.Module | Iterable[torch.Tensor] | Iterable[dict],
+    *,
+    lr: float = 0.1,
+    momentum: float = 0.9,
+    dampening: float = 0.9,
+    weight_decay: float = 1e-3,
+    nesterov: bool = False,
+) -> torch.optim.SGD:
+    """SGD with the paper's defaults (lr 0.1, momentum 0.9, dampening 0.9, weight decay 1e-3, no Nesterov).
+
+    `params` may be a module, in which case only its trainable parameters (requires_grad) are optimised: that is
+    how fine-tuning from `ft_begin_module` leaves the frozen layers alone.
+    """
+    if isinstance(params, nn.Module):
+        params = [p for p in params.parameters() if p.requires_grad]
+    params = list(params)
+    if not params:
+        raise ValueError("build_optimizer: no trainable parameters (is every layer frozen?)")
+    if nesterov and dampening != 0:
+        # torch refuses Nesterov with dampening; the reference sets dampening 0 when nesterov is on
+        raise ValueError(f"nesterov=True needs dampening=0 (got dampening={dampening}); set both in params.yaml")
+    return torch.optim.SGD(
+        params, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov
+    )
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer,
+    *,
+    name: Literal["plateau", "multistep", "cosine"] = "plateau",
+    epochs: int | None = None,
+    factor: float = 0.1,
+    patience: int = 10,
+    milestones: Iterable[int] = (50, 100, 150),
+    warmup_epochs: int = 0,
+    steps_per_epoch: int | None = None,
+):
+    """A learning-rate scheduler by name.
+
+    - ``plateau``: the paper's: lr times `factor` when the validation loss has not improved for `patience` epochs
+      (stepped once per epoch with that loss; `fit` does it).
+    - ``multistep``: lr times `factor` at each epoch in `milestones`.
+    - ``cosine``: linear warmup over `warmup_epochs`, then a cosine from the base lr down to 0 at `epochs`.
+
+    multistep and cosine count epochs and are stepped once per epoch, unless `steps_per_epoch` is given: then they
+    count optimiser steps (smoother warmup) and must be stepped every step (`fit(..., scheduler_interval="step")`).
+    """
+    if name == "plateau":
+        if steps_per_epoch is not None:
+            raise ValueError("the plateau scheduler follows the validation loss once per epoch: drop steps_per_epoch")
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=factor, patience=patience)
+    unit = steps_per_epoch or 1
+    if name == "multistep":
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, [m * unit for m in milestones], gamma=factor)
+    if name == "cosine":
+        if not epochs or epochs <= warmup_epochs:
+            raise ValueError(f"cosine needs epochs > warmup_epochs (got epochs={epochs}, warmup={warmup_epochs})")
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, _WarmupCosine(warmup=warmup_epochs * unit, total=epochs * unit)
+        )
+    raise ValueError(f"unknown scheduler '{name}': use plateau, multistep or cosine")
+
+
+class _WarmupCosine:
+    """LR factor at step i: (i+1)/warmup during the warmup, then a half cosine from 1 to 0 over the rest."""
+
+    def __init__(self, warmup: int, total: int):
+        self.warmup, self.total = warmup, total
+
+    def __call__(self, i: int) -> float:
+        if i < self.warmup:
+            return (i + 1) / self.warmup
+        progress = min(1.0, (i - self.warmup) / max(1, self.total - self.warmup))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# --- one epoch -------------------------------------------------------------------------------------------------
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype not in (None, torch.bfloat16):
+        # float16 would need a GradScaler; bf16 has float32's range and needs none
+        raise ValueError(f"autocast_dtype must be None or torch.bfloat16, got {dtype}")
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
+def _unpack(batch: Any, device: torch.device, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    if not isinstance(batch, Mapping) or "video" not in batch or "label" not in batch:
+        raise TypeError(
+            "batches must be dicts with 'video' [B, 3, T, H, W], 'label' [B] and 'video_index' [B] "
+            f"(action3d.data loaders); got {type(batch).__name__}"
+        )
+    fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
+    video = batch["video"].to(device, non_blocking=True, memory_format=fmt)
+    return video, batch["label"].to(device, non_blocking=True)
+
+
+def _set_epoch(loader: Iterable, epoch: int) -> None:
+    """Reshuffle distributed samplers per epoch (DistributedSampler, or a pytorchvideo dataset's video sampler)."""
+    for sampler in (getattr(loader, "sampler", None), getattr(getattr(loader, "dataset", None), "video_sampler", None)):
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+
+
+def _skipped_videos(loader: Iterable) -> int | None:
+    """How many unreadable videos the loader (or its dataset) skipped, when it counts them as `skipped_videos`."""
+    for obj in (loader, getattr(loader, "dataset", None)):
+        value = getattr(obj, "skipped_videos", None)
+        if value is not None:
+            return int(value() if callable(value) else value)
+    return None
+
+
+def train_one_epoch(
+    model: nn.Module,
+    criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    data_loader: Iterable[Mapping[str, torch.Tensor]],
+    device: torch.device | str,
+    epoch: int,
+    *,
+    lr_scheduler: Any = None,
+    autocast_dtype: torch.dtype | None = None,
+    grad_clip: float | None = None,
+    channels_last: bool = False,
+    log_every: int = 10,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Train for one pass over `data_loader`; return metrics summed over every rank.
+
+    `lr_scheduler`, if given, is stepped after every optimiser step (per-epoch schedulers are the caller's).
+    `grad_clip` clips the global gradient norm. Raises `NonFiniteLossError` (naming epoch and step) before the
+    optimiser steps on a NaN/inf loss, on every rank at once.
+
+    Returns {"loss": mean clip loss, "top1": clip accuracy, "clips": count, "clips_per_s": throughput over all
+    ranks, "lr": the last lr used, "skipped_videos": only when the loader counts them}.
+    """
+    device = torch.device(device)
+    model.train()
+    _set_epoch(data_loader, epoch)
+    loss_sum, correct, seen, lr = 0.0, 0, 0, float(optimizer.param_groups[0]["lr"])
+    bar = tqdm(data_loader, desc=f"epoch {epoch} train", leave=False, disable=not (progress and dist.is_main_process()))
+    start = time.perf_counter()
+    for step, batch in enumerate(bar):
+        video, label = _unpack(batch, device, channels_last)
+        with _autocast(device, autocast_dtype):
+            logits = model(video)
+            loss = criterion(logits, label)
+        value = loss.item()  # one sync per step: a NaN must stop us before it reaches the weights
+        if dist.any_rank(not math.isfinite(value), device):
+            raise NonFiniteLossError(epoch, step, value)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip:
+            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        lr = float(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        if lr_scheduler is not None:
+            lr_scheduler.step()
+        n = label.shape[0]
+        loss_sum += value * n
+        correct += int((logits.argmax(dim=1) == label).sum())
+        seen += n
+        if step % max(1, log_every) == 0:
+            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}", lr=f"{lr:.2e}")
+    elapsed = time.perf_counter() - start
+    loss_sum, correct, seen, elapsed = dist.all_reduce_sum([loss_sum, correct, seen, elapsed], device)
+    if seen == 0:
+        raise ValueError(f"epoch {epoch}: the training loader yielded no batches (empty manifest or split?)")
+    metrics = {
+        "loss": loss_sum / seen,
+        "top1": correct / seen,
+        "clips": int(seen),
+        "clips_per_s": seen / (elapsed / dist.get_world_size()),
+        "lr": lr,
+    }
+    skipped = _skipped_videos(data_loader)
+    if skipped is not None:
+        metrics["skipped_videos"] = int(dist.all_reduce_sum([skipped], device)[0])
+    return metrics
+
+
+# --- evaluation ------------------------------------------------------------------------------------------------
+
+
+class VideoScores(NamedTuple):
+    """Per-video scores: `video_index` [V] (sorted), `probs` [V, C] (mean clip softmax), `labels` [V]."""
+
+    video_index: np.ndarray
+    probs: np.ndarray
+    labels: np.ndarray
+
+
+def _sum_by_video(
+    video_index: np.ndarray, probs: np.ndarray, counts: np.ndarray, labels: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Group rows by video: (videos [V] sorted, summed probs [V, C], summed counts [V], labels [V]).
+
+    Rows are clips (counts 1) or partial per-video sums from other ranks (counts = their clips)."""
+    videos, row = np.unique(video_index, return_inverse=True)
+    sums = np.zeros((len(videos), probs.shape[1]), dtype=np.float64)
+    np.add.at(sums, row, probs)
+    video_labels = np.full(len(videos), -1, dtype=np.int64)
+    video_labels[row] = labels
+    mismatch = video_labels[row] != labels
+    if mismatch.any():
+        bad = int(video_index[np.argmax(mismatch)])
+        raise ValueError(f"video {bad} has clips with different labels: check the manifest row {bad}")
+    return videos, sums, np.bincount(row, weights=counts, minlength=len(videos)), video_labels
+
+
+def video_level_scores(clip_probs: np.ndarray, video_index: np.ndarray, labels: np.ndarray) -> VideoScores:
+    """Average the clip softmax scores of each video, as the paper does over every window of a video.
+
+    clip_probs [N, C] (rows sum to 1), video_index [N] (which video each clip came from), labels [N]. Every clip
+    of a video must carry the same label. Returns the videos sorted by index.
+    """
+    clip_probs, video_index, labels = np.asarray(clip_probs), np.asarray(video_index), np.asarray(labels)
+    if clip_probs.ndim != 2 or not (len(clip_probs) == len(video_index) == len(labels)):
+        raise ValueError(
+            f"expected clip_probs [N, C], video_index [N], labels [N]; got shapes {clip_probs.shape}, "
+            f"{video_index.shape}, {labels.shape}"
+        )
+    videos, sums, counts, video_labels = _sum_by_video(video_index, clip_probs, np.ones(len(labels)), labels)
+    return VideoScores(videos, sums / counts[:, None], video_labels)
+
+
+def topk_accuracy(probs: np.ndarray, labels: np.ndarray, k: int = 1) -> float:
+    """Fraction of rows whose label is among the k highest scores (k is capped at the number of classes)."""
+    if len(labels) == 0:
+        return float("nan")
+    k = min(k, probs.shape[1])
+    top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    return float((top == np.asarray(labels)[:, None]).any(axis=1).mean())
+
+
+def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
+    """int64 [C, C]: row = true class, column = predicted class."""
+    matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(matrix, (np.asarray(labels), np.asarray(predictions)), 1)
+    return matrix
+
+
+def per_class_accuracy(matrix: np.ndarray) -> np.ndarray:
+    """float [C]: recall of each class from a confusion matrix; NaN for a class with no samples."""
+    totals = matrix.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(totals > 0, np.diag(matrix) / totals, np.nan)
+
+
+@torch.inference_mode()
+def evaluate(
+    model: nn.Module,
+    criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    data_loader: Iterable[Mapping[str, torch.Tensor]],
+    device: torch.device | str,
+    *,
+    autocast_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+    input_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Clip-level and video-level metrics over every clip of `data_loader` (summed over all ranks).
+
+    `input_transform` is applied to each video batch [B, 3, T, H, W] on the device before the model, e.g. a
+    shuffle of the time axis for the temporal control. Under DDP give the eval loader a sampler that does not pad
+    (`action3d.distributed.ShardSampler`), or padded clips count twice.
+
+    Returns scalars: "loss", "top1" (clip level), "video_top1", "video_top5", "mean_class_accuracy", "clips",
+    "videos"; numpy arrays (video level): "per_class_accuracy" [C], "confusion_matrix" [C, C] (rows = truth),
+    "video_index" [V], "video_probs" [V, C], "video_labels" [V]. Every rank returns the same values.
+    """
+    device = torch.device(device)
+    model = _without_ddp(model)  # no DDP buffer broadcasts: ranks may hold different numbers of batches
+    model.eval()
+    loss_sum, correct, probs, indices, labels = 0.0, 0, [], [], []
+    bar = tqdm(data_loader, desc="evaluate", leave=False, disable=not (progress and dist.is_main_process()))
+    for batch in bar:
+        video, label = _unpack(batch, device, channels_last)
+        if "video_index" not in batch:
+            raise KeyError("evaluation batches need 'video_index' (the video's manifest row) to group clips")
+        if input_transform is not None:
+            video = input_transform(video)
+        with _autocast(device, autocast_dtype):
+            logits = model(video)
+            loss = criterion(logits, label)
+        loss_sum += float(loss) * label.shape[0]
+        correct += int((logits.argmax(dim=1) == label).sum())
+        probs.append(logits.float().softmax(dim=1).cpu().numpy())
+        indices.append(batch["video_index"].cpu().numpy())
+        labels.append(label.cpu().numpy())
+    loss_sum, correct, clips = dist.all_reduce_sum([loss_sum, correct, sum(len(x) for x in labels)], device)
+    if clips == 0:
+        raise ValueError("the evaluation loader yielded no batches (empty manifest or split?)")
+    # ranks exchange per-video sums, not every clip's scores (Kinetics: ~300k clips x 400 classes)
+    local = None
+    if labels:
+        clip_labels = np.concatenate(labels)
+        local = _sum_by_video(np.concatenate(indices), np.concatenate(probs), np.ones(len(clip_labels)), clip_labels)
+    parts = [p for p in dist.all_gather_objects(local) if p is not None]
+    merged = parts[0] if len(parts) == 1 else _sum_by_video(*(np.concatenate(x) for x in zip(*parts)))
+    videos, sums, counts, video_labels = merged
+    scores = VideoScores(videos, sums / counts[:, None], video_labels)
+    num_classes = scores.probs.shape[1]
+    matrix = confusion_matrix(scores.labels, scores.probs.argmax(axis=1), num_classes)
+    per_class = per_class_accuracy(matrix)
+    return {
+        "loss": loss_sum / clips,
+        "top1": correct / clips,
+        "video_top1": topk_accuracy(scores.probs, scores.labels, 1),
+        "video_top5": topk_accuracy(scores.probs, scores.labels, 5),
+        "mean_class_accuracy": float(np.nanmean(per_class)) if np.isfinite(per_class).any() else float("nan"),
+        "clips": int(clips),
+        "videos": int(len(scores.labels)),
+        "per_class_accuracy": per_class,
+        "confusion_matrix": matrix,
+        "video_index": scores.video_index,
+        "video_probs": scores.probs,
+        "video_labels": scores.labels,
+    }
+
+
+def scalar_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    """The scalar entries of a metrics dict (drops arrays), keys prefixed: for history, logs and metrics.json."""
+    return {f"{prefix}{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float, np.number))}
+
+
+# --- checkpoints -----------------------------------------------------------------------------------------------
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):  # not every filesystem lets a directory be opened
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _atomic_write(path: Path, write: Callable[[Any], None]) -> Path:
+    """Write through `write(file)` into a temp file beside `path`, then rename over it: all or nothing."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
+        os.replace(tmp, path)
+    except BaseException as err:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        if isinstance(err, Exception):
+            raise CheckpointError(
+                f"could not write {path}: {err}. The previous {path.name}, if any, is untouched; "
+                "free disk space (or fix the cause) and run again to resume from it."
+            ) from err
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def save_checkpoint(state: Mapping[str, Any], path: str | Path) -> Path:
+    """Write a checkpoint dict atomically (temp file in the same folder, then os.replace)."""
+    return _atomic_write(Path(path), lambda f: torch.save(dict(state), f))
+
+
+def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read one of our checkpoints (tensors, numbers, strings only: loaded with weights_only=True)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:
+        raise CheckpointError(f"{path} is not a readable checkpoint ({err}); delete it or restore a copy") from err
+    if not isinstance(state, dict) or "state_dict" not in state:
+        raise CheckpointError(f"{path} holds no 'state_dict': not an action3d checkpoint")
+    return state
+
+
+def _loader_generators(*loaders: Iterable | None) -> list[torch.Generator]:
+    """The torch generators that drive the loaders' shuffling and worker seeds (each once, in a stable order)."""
+    found: list[torch.Generator] = []
+    for loader in loaders:
+        for gen in (getattr(loader, "generator", None), getattr(getattr(loader, "sampler", None), "generator", None)):
+            if isinstance(gen, torch.Generator) and all(gen is not g for g in found):
+                found.append(gen)
+    return found
+
+
+def rng_state(generators: Iterable[torch.Generator] = ()) -> dict[str, Any]:
+    """Every random state a run consumes: python, numpy, torch CPU and CUDA, and the given generators.
+
+    Stored as tensors, ints and lists so that the checkpoint loads with weights_only=True.
+    """
+    np_state = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "generators": [g.get_state() for g in generators],
+    }
+
+
+def set_rng_state(state: Mapping[str, Any], generators: Iterable[torch.Generator] = ()) -> None:
+    """Restore what `rng_state` captured."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(state["torch"].cpu())
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+    generators = list(generators)
+    if len(generators) != len(state["generators"]):
+        warnings.warn(
+            f"the checkpoint holds {len(state['generators'])} loader generator state(s), the loaders now have "
+            f"{len(generators)}: the data order after resuming will differ from an uninterrupted run"
+        )
+        return
+    for gen, gen_state in zip(generators, state["generators"]):
+        gen.set_state(gen_state.cpu())
+
+
+def make_checkpoint(
+    model: nn.Module,
+    *,
+    arch: str,
+    model_kwargs: Mapping[str, Any],
+    epoch: int,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+    best_metric: float | None = None,
+    history: list[dict[str, float]] | None = None,
+    generators: Iterable[torch.Generator] = (),
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The checkpoint dict: what rebuilds the model (`arch` + `model_kwargs`), its weights without DDP/compile
+    prefixes, optimiser, scheduler, `epoch` (epochs completed), RNG states, best metric and per-epoch history.
+    `extra` entries (e.g. an MLflow run id) are stored alongside under their own keys."""
+    state = {
+        "arch": arch,
+        "model_kwargs": dict(model_kwargs),
+        "state_dict": unwrap_model(model).state_dict(),
+        "epoch": int(epoch),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "rng": rng_state(generators),
+        "best_metric": best_metric,
+        "history": list(history or []),
+    }
+    for key, value in (extra or {}).items():
+        if key in state:
+            raise ValueError(f"extra checkpoint key '{key}' would overwrite a core entry")
+        state[key] = value
+    return state
+
+
+def restore_checkpoint(
+    state: Mapping[str, Any],
+    model: nn.Module,
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+    generators: Iterable[torch.Generator] = (),
+    source: str = "checkpoint",
+) -> int:
+    """Load weights, optimiser, scheduler and RNG states from a checkpoint dict; return the epochs completed."""
+    try:
+        unwrap_model(model).load_state_dict(state["state_dict"])
+    except RuntimeError as err:
+        raise CheckpointError(f"{source} does not fit this model (arch '{state.get('arch')}'): {err}") from err
+    if optimizer is not None and state.get("optimizer") is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None and state.get("scheduler") is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    if state.get("rng") is not None:
+        set_rng_state(state["rng"], generators)
+    return int(state["epoch"])
+
+
+def _atomic_copy(src: Path, dst: Path) -> Path:
+    with open(src, "rb") as source:
+        return _atomic_write(dst, lambda f: shutil.copyfileobj(source, f))
+
+
+# --- the loop --------------------------------------------------------------------------------------------------
+
+
+def _improved(value: float, best: float | None, mode: str) -> bool:
+    if best is None or math.isnan(best):
+        return not math.isnan(value)
+    return value > best if mode == "max" else value < best
+
+
+def fit(
+    model: nn.Module,
+    train_loader: Iterable,
+    val_loader: Iterable | None,
+    *,
+    epochs: int,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any = None,
+    checkpoint_dir: str | Path,
+    arch: str,
+    model_kwargs: Mapping[str, Any],
+    device: torch.device | str,
+    criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    scheduler_interval: Literal["epoch", "step"] = "epoch",
+    autocast_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+    grad_clip: float | None = None,
+    monitor: str = "val_video_top1",
+    mode: Literal["max", "min"] = "max",
+    resume: bool = True,
+    on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
+    extra: Mapping[str, Any] | None = None,
+    log_every: int = 10,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train for `epochs` epochs (validating after each), checkpoint every epoch, resume where a run stopped.
+
+    `model` comes from `prepare_model` and `optimizer`/`scheduler` from the builders above. Every epoch writes
+    `checkpoint_dir/last.pt` (and `best.pt` when `monitor` improves in `mode`) atomically, rank 0 only. With
+    `resume` and an existing last.pt of the same `arch` and `model_kwargs`, training continues after its epoch
+    with its weights, optimiser, scheduler, RNG and loader generator states: the remaining epochs give the same
+    metrics as an uninterrupted run. A ReduceLROnPlateau is stepped with the epoch's val loss; other schedulers
+    once per epoch, or every step with `scheduler_interval="step"`.
+
+    `on_epoch_end(epoch, metrics)` runs on rank 0 after the epoch's checkpoint is written; metrics are the
+    history entry: "epoch", "lr", "train_loss", "train_top1", "train_clips_per_s", ..., "val_loss", "val_top1",
+    "val_video_top1", "val_video_top5", "val_mean_class_accuracy", ... It may raise to stop the run (the
+    checkpoint is already safe); under DDP a raise on rank 0 alone leaves the other ranks waiting.
+
+    Returns {"history": [...], "best_metric", "best_epoch", "epochs_resumed" (epochs found done in last.pt),
+    "last_checkpoint": Path, "best_checkpoint": Path or None}.
+    """
+    device = torch.device(device)
+    criterion = criterion or nn.CrossEntropyLoss()
+    checkpoint_dir = Path(checkpoint_dir)
+    last_path, best_path = checkpoint_dir / LAST_CHECKPOINT, checkpoint_dir / BEST_CHECKPOINT
+    if val_loader is None and monitor.startswith("val_"):
+        raise ValueError(f"monitor '{monitor}' needs a val_loader; pass one or monitor a train_ metric")
+    plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+    if plateau and scheduler_interval == "step":
+        raise ValueError("ReduceLROnPlateau steps once per epoch on the val loss: use scheduler_interval='epoch'")
+    generators = _loader_generators(train_loader, val_loader)
+
+    history: list[dict[str, float]] = []
+    best_metric: float | None = None
+    done = 0
+    if resume and last_path.is_file():
+        state = load_checkpoint(last_path, map_location=device)
+        if state.get("arch") != arch or dict(state.get("model_kwargs") or {}) != dict(model_kwargs):
+            raise CheckpointError(
+                f"{last_path} was written by arch '{state.get('arch')}' with {state.get('model_kwargs')}, this "
+                f"run builds '{arch}' with {dict(model_kwargs)}: delete it, or use another checkpoint_dir"
+            )
+        done = restore_checkpoint(
+            state, model, optimizer=optimizer, scheduler=scheduler, generators=generators, source=str(last_path)
+        )
+        history, best_metric = list(state.get("history") or []), state.get("best_metric")
+        log.info("resuming from %s after epoch %d of %d", last_path, done, epochs)
+    epochs_resumed = done
+
+    for epoch in range(done + 1, epochs + 1):
+        try:
+            train = train_one_epoch(
+                model, criterion, optimizer, train_loader, device, epoch,
+                lr_scheduler=scheduler if scheduler_interval == "step" else None,
+                autocast_dtype=autocast_dtype, grad_clip=grad_clip, channels_last=channels_last,
+                log_every=log_every, progress=progress,
+            )  # fmt: skip
+        except NonFiniteLossError as err:
+            kept = f"the last good checkpoint is {last_path} (epoch {done})" if done else "no checkpoint was written"
+            raise NonFiniteLossError(err.epoch, err.step, err.value, hint=kept) from None
+        metrics = {"epoch": epoch, "lr": train.pop("lr"), **scalar_metrics(train, "train_")}
+        if val_loader is not None:
+            val = evaluate(
+                model, criterion, val_loader, device,
+                autocast_dtype=autocast_dtype, channels_last=channels_last, progress=progress,
+            )  # fmt: skip
+            metrics.update(scalar_metrics(val, "val_"))
+        if monitor not in metrics:
+            raise KeyError(f"monitor '{monitor}' is not among the epoch metrics {sorted(metrics)}")
+        if plateau:
+            scheduler.step(metrics["val_loss" if val_loader is not None else "train_loss"])
+        elif scheduler is not None and scheduler_interval == "epoch":
+            scheduler.step()
+        improved = _improved(metrics[monitor], best_metric, mode)
+        if improved:
+            best_metric = metrics[monitor]
+        history.append(metrics)
+        done = epoch
+        if dist.is_main_process():
+            state = make_checkpoint(
+                model, arch=arch, model_kwargs=model_kwargs, epoch=epoch, optimizer=optimizer, scheduler=scheduler,
+                best_metric=best_metric, history=history, generators=generators, extra=extra,
+            )  # fmt: skip
+            save_checkpoint(state, last_path)
+            if improved:
+                _atomic_copy(last_path, best_path)
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, dict(metrics))
+        dist.barrier()  # nobody races ahead of a checkpoint that a crash would resume from
+
+    best_epoch = next((h["epoch"] for h in history if h.get(monitor) == best_metric), None)
+    return {
+        "history": history,
+        "best_metric": best_metric,
+        "best_epoch": best_epoch,
+        "epochs_resumed": epochs_resumed,
+        "last_checkpoint": last_path,
+        "best_checkpoint": best_path if best_path.is_file() else None,
+    }

@@ -1,0 +1,418 @@
+"""MLflow, and the only module that imports it: runs, lineage tags, datasets, logged models, registry promotion.
+
+Tracking goes to MLFLOW_TRACKING_URI when it is set, else to a local sqlite file that the caller names
+(`resolve_tracking_uri(project_dir / "mlflow.db")`); with a sqlite store, artifacts go to `mlartifacts/` beside the
+database file. Nothing happens at import.
+
+A stage does:
+
+    uri = resolve_tracking_uri(root / "mlflow.db")
+    with start_stage_run("finetune", experiment="action3d", tracking_uri=uri, params=params.model_dump(),
+                         params_hash=params.digest(), parent_run_id=pretrain_run) as run:
+        run.log_manifest(train_csv, context="train", digest=md5_from_dvc_lock)
+        fit(..., on_epoch_end=lambda epoch, m: run.log_epoch(m, step=epoch))
+        run.log_model(model, input_example=batch["video"][:2])
+    register_model(run.run_id, "action3d-demo", metrics=test_metrics, data_digest=test_md5,
+                   metric_key="video_top1", tracking_uri=uri)
+
+Under torchrun only rank 0 should open a run (`action3d.distributed.is_main_process()`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import math
+import os
+import subprocess
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import mlflow
+import numpy as np
+import torch
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.models import infer_signature
+from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, RESOURCE_DOES_NOT_EXIST, ErrorCode
+from mlflow.tracking import MlflowClient
+
+from action3d.engine import unwrap_model
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+_BATCH = 100  # MLflow accepts at most 100 params (and 1000 metrics) per log_batch call
+
+
+# --- where runs go ---------------------------------------------------------------------------------------------
+
+
+def resolve_tracking_uri(default_db: str | Path) -> str:
+    """MLFLOW_TRACKING_URI when set, else `sqlite:///<absolute default_db>`."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(default_db).resolve()}"
+
+
+def _sqlite_path(tracking_uri: str) -> Path | None:
+    """The database file of a `sqlite:///...` URI, None for any other store."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    return Path(tracking_uri[len("sqlite:///") :])
+
+
+def _artifact_location(tracking_uri: str, experiment: str) -> str | None:
+    """For a sqlite store: `<db folder>/mlartifacts/<experiment>` (MLflow's own default is ./mlruns of the cwd).
+    For a server the server decides (None)."""
+    db = _sqlite_path(tracking_uri)
+    if db is None:
+        return None
+    slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in experiment)
+    return (db.parent.resolve() / "mlartifacts" / slug).as_uri()
+
+
+def get_or_create_experiment(name: str, *, tracking_uri: str) -> str:
+    """The id of experiment `name`, created if missing (artifacts beside a sqlite database)."""
+    client = MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    db = _sqlite_path(tracking_uri)
+    if db is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return client.create_experiment(name, artifact_location=_artifact_location(tracking_uri, name))
+    except MlflowException as err:  # another process created it meanwhile
+        if err.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+            raise
+        return client.get_experiment_by_name(name).experiment_id
+
+
+# --- lineage ---------------------------------------------------------------------------------------------------
+
+
+def git_state(repo_dir: str | Path | None = None) -> dict[str, str]:
+    """{"git_commit": HEAD's sha, "git_dirty": "true"/"false"} (tracked files only); "unknown" outside git."""
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(
+                ["git", *args], cwd=repo_dir, capture_output=True, text=True, timeout=30, check=True
+            )
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip()
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return {
+        "git_commit": commit or "unknown",
+        "git_dirty": "unknown" if status is None else str(bool(status)).lower(),
+    }
+
+
+def flatten_params(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested mappings to dotted keys with string values: {"train": {"lr": 0.1}} -> {"train.lr": "0.1"}.
+    An empty mapping stays one param ("{}") so that it is visible."""
+    flat: dict[str, str] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten_params(value, f"{dotted}."))
+        else:
+            flat[dotted] = str(value)
+    return flat
+
+
+def file_md5(path: str | Path) -> str:
+    """md5 of a file's bytes: what DVC records as a file's `md5` in dvc.lock and .dvc files."""
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# --- a run per stage -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StageRun:
+    """The MLflow run of one stage; every method logs into it."""
+
+    run_id: str
+    experiment_id: str
+    tracking_uri: str
+
+    @property
+    def client(self) -> MlflowClient:
+        return MlflowClient(self.tracking_uri)
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Log params (nested mappings are flattened to dotted keys). Re-logging a key with a new value fails."""
+        items = [Param(k, v) for k, v in flatten_params(params).items()]
+        for i in range(0, len(items), _BATCH):
+            self.client.log_batch(self.run_id, params=items[i : i + _BATCH])
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        items = [RunTag(k, str(v)) for k, v in tags.items() if v is not None]
+        for i in range(0, len(items), _BATCH):
+            self.client.log_batch(self.run_id, tags=items[i : i + _BATCH])
+
+    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
+        """Log the scalar entries of `metrics` (numpy arrays and other non-scalars are skipped: log those as
+        artifacts). Non-finite values are logged as they are (MLflow stores NaN)."""
+        now = int(time.time() * 1000)
+        items = [
+            Metric(key, float(value), now, step or 0)
+            for key, value in metrics.items()
+            if isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
+        ]
+        for i in range(0, len(items), 1000):
+            self.client.log_batch(self.run_id, metrics=items[i : i + 1000])
+
+    def log_epoch(self, metrics: Mapping[str, Any], step: int) -> None:
+        """Per-epoch metrics (e.g. `fit`'s history entry) at step = epoch; the "epoch" key itself is skipped."""
+        self.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=step)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_artifacts(self, folder: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifacts(self.run_id, str(folder), artifact_path)
+
+    def log_manifest(
+        self, path: str | Path, *, context: str, name: str | None = None, digest: str | None = None
+    ) -> str:
+        """Log a split manifest CSV as an input dataset of this run (`mlflow.log_input`), and tag the run
+        `data_digest.<context>` with its digest. `digest` is the DVC md5 of the file (computed from the bytes
+        when not given, which is the same thing). Returns the digest."""
+        import pandas as pd  # mlflow's own dependency; only needed here
+
+        path = Path(path)
+        digest = digest or file_md5(path)
+        frame = pd.read_csv(path)
+        self._ensure_active()
+        with warnings.catch_warnings():  # "source can be interpreted in multiple ways", "integer columns": harmless
+            warnings.simplefilter("ignore", UserWarning)
+            dataset = mlflow.data.from_pandas(
+                frame,
+                source=str(path.resolve()),
+                name=name or f"{path.parent.name}/{path.stem}",
+                digest=digest,
+                targets="label" if "label" in frame.columns else None,
+            )
+            mlflow.log_input(dataset, context=context)
+        self.set_tags({f"data_digest.{context}": digest})
+        return digest
+
+    def log_model(
+        self,
+        model: torch.nn.Module,
+        input_example: torch.Tensor | np.ndarray,
+        *,
+        name: str = "model",
+        metadata: Mapping[str, Any] | None = None,
+    ) -> str:
+        """Log `model` with mlflow.pytorch.log_model (pt2 format) with a signature and an input example; return
+        its `models:/<model_id>` URI.
+
+        input_example: [B, 3, T, H, W] clips of the shape the model was trained on. Two clips are kept: MLflow
+        marks the batch dimension dynamic only when the example's batch is above 1 (a batch of 1 would freeze it,
+        see NOTES.md), so one clip is repeated to make two, and more are cut to two because the example is stored
+        uncompressed (as JSON twice and inside model.pt2: about 33 MB per 16x112x112 clip). T, H and W stay fixed.
+        The model is copied to the CPU in float32, contiguous, eval mode; the caller's model is left untouched.
+        """
+        example = torch.as_tensor(input_example).detach().float().cpu()
+        if example.ndim < 2:
+            raise ValueError(f"input_example needs a batch dimension, got shape {tuple(example.shape)}")
+        example = (example.repeat(2, *[1] * (example.ndim - 1)) if len(example) == 1 else example[:2]).contiguous()
+        net = copy.deepcopy(unwrap_model(model)).cpu().float().eval().to(memory_format=torch.contiguous_format)
+        with torch.no_grad():
+            output = net(example)
+        example_np = example.numpy()
+        signature = infer_signature(example_np, output.numpy())
+        self._ensure_active()
+        info = mlflow.pytorch.log_model(
+            net,
+            name=name,
+            signature=signature,
+            input_example=example_np,
+            metadata=dict(metadata) if metadata else None,
+            # pinned from the running versions; MLflow's inference would re-import the model in a subprocess (~10 s)
+            pip_requirements=mlflow.pytorch.get_default_pip_requirements(),
+        )
+        return info.model_uri
+
+    def _ensure_active(self) -> None:
+        active = mlflow.active_run()
+        if active is None or active.info.run_id != self.run_id:
+            raise RuntimeError(f"run {self.run_id} is not the active MLflow run: log from inside start_stage_run")
+
+
+@contextlib.contextmanager
+def start_stage_run(
+    stage: str,
+    *,
+    experiment: str,
+    tracking_uri: str,
+    params: Mapping[str, Any] | None = None,
+    params_hash: str | None = None,
+    parent_run_id: str | None = None,
+    data_digests: Mapping[str, str] | None = None,
+    tags: Mapping[str, Any] | None = None,
+    repo_dir: str | Path | None = None,
+    run_id: str | None = None,
+) -> Iterator[StageRun]:
+    """Open an MLflow run named `stage` in `experiment`, log `params` flattened and the lineage tags.
+
+    Tags: "stage", "git_commit", "git_dirty" (of `repo_dir`, default the cwd), "params_hash", "parent_run_id"
+    (the run that produced this stage's input checkpoint), "data_digest.<name>" for each of `data_digests`, and
+    any `tags`. `run_id` reopens an existing run (a retried or resumed stage) instead of starting a new one. The
+    run ends FINISHED, or FAILED when the block raises. Opened inside another active run (an Optuna study), it
+    becomes a nested child run of it.
+    """
+    mlflow.set_tracking_uri(tracking_uri)  # the fluent API (log_input, log_model) follows the global URI
+    if run_id is not None:
+        start = dict(run_id=run_id)
+    else:
+        start = dict(
+            experiment_id=get_or_create_experiment(experiment, tracking_uri=tracking_uri),
+            run_name=stage,
+            nested=mlflow.active_run() is not None,
+        )
+    with mlflow.start_run(**start) as active:
+        run = StageRun(active.info.run_id, active.info.experiment_id, tracking_uri)
+        run.set_tags(
+            {
+                "stage": stage,
+                **git_state(repo_dir),
+                "params_hash": params_hash,
+                "parent_run_id": parent_run_id,
+                **{f"data_digest.{k}": v for k, v in (data_digests or {}).items()},
+                **(tags or {}),
+            }
+        )
+        if params:
+            run.log_params(params)
+        yield run
+
+
+# --- registry --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Registration:
+    """What `register_model` did: the version of `name` for the run, its alias, and why."""
+
+    name: str
+    version: str
+    alias: str | None  # "champion", "challenger", or None (an older version that lost its alias since)
+    created: bool  # False when the run was already registered (nothing changed)
+    reason: str
+
+
+def _find_logged_model(client: MlflowClient, run_id: str, artifact: str) -> str:
+    run = client.get_run(run_id)
+    models = client.search_logged_models(
+        experiment_ids=[run.info.experiment_id], filter_string=f"source_run_id = '{run_id}' AND name = '{artifact}'"
+    )
+    if not models:
+        raise LookupError(
+            f"run {run_id} has no logged model named '{artifact}': log one with StageRun.log_model first"
+        )
+    return max(models, key=lambda m: m.creation_timestamp).model_id  # the latest if it was logged twice
+
+
+def _aliases_of(client: MlflowClient, name: str, version: str) -> list[str]:
+    return list(client.get_model_version(name, version).aliases)
+
+
+def _champion(client: MlflowClient, name: str):
+    try:
+        return client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException as err:
+        if err.error_code in (ErrorCode.Name(RESOURCE_DOES_NOT_EXIST), "NOT_FOUND", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise
+
+
+def register_model(
+    run_id: str,
+    name: str,
+    *,
+    metrics: Mapping[str, float],
+    data_digest: str,
+    metric_key: str,
+    tracking_uri: str,
+    artifact: str = "model",
+    higher_is_better: bool = True,
+) -> Registration:
+    """Make the model logged by `run_id` a new version of registered model `name`, and give it an alias.
+
+    The version is tagged `metric.<key>` for each of `metrics` (the test metrics), `data_digest` (the test
+    split's DVC md5) and `metric_key`. Then:
+    - no champion yet: it becomes `champion`;
+    - the champion was measured on the same test split (same `data_digest`): it becomes `champion` only if its
+      `metric_key` is strictly better (`higher_is_better`), else `challenger` (ties keep the incumbent);
+    - the champion was measured on another test split (or lacks the metric): the scores are not comparable, and
+      the registry's champion should be the best on the current split, of which the new version is the only one
+      measured: it becomes `champion` (the reason is recorded in the version's "promotion" tag and returned).
+    Registering a run that already has a version of `name` creates nothing and changes no alias (idempotent).
+    """
+    if "'" in name or "'" in run_id:
+        raise ValueError(f"registered model name and run id may not contain quotes: {name!r}, {run_id!r}")
+    if metric_key not in metrics:
+        raise KeyError(f"metric_key '{metric_key}' is not among the metrics {sorted(metrics)}")
+    client = MlflowClient(tracking_uri)
+
+    existing = client.search_model_versions(f"name = '{name}' AND run_id = '{run_id}'")
+    if existing:
+        version = min(existing, key=lambda v: int(v.version))
+        aliases = _aliases_of(client, name, version.version)
+        alias = CHAMPION if CHAMPION in aliases else CHALLENGER if CHALLENGER in aliases else None
+        reason = f"run {run_id} is already version {version.version}"
+        return Registration(name, str(version.version), alias, False, reason)
+
+    model_id = _find_logged_model(client, run_id, artifact)
+    with contextlib.suppress(MlflowException):  # exists already: fine
+        client.create_registered_model(name)
+    score = float(metrics[metric_key])
+    champion = _champion(client, name)
+
+    if champion is None:
+        alias, reason = CHAMPION, "first version with an alias: champion"
+    elif champion.tags.get("data_digest") != data_digest:
+        alias, reason = CHAMPION, (
+            f"champion v{champion.version} was measured on test split {champion.tags.get('data_digest')}, this "
+            f"version on {data_digest}: not comparable, the version measured on the current split takes over"
+        )
+    elif f"metric.{metric_key}" not in champion.tags:
+        alias, reason = CHAMPION, f"champion v{champion.version} has no {metric_key} tag: not comparable"
+    else:
+        best = float(champion.tags[f"metric.{metric_key}"])
+        better = (score > best if higher_is_better else score < best) and not math.isnan(score)
+        verb = "beats" if better else "does not beat"
+        alias = CHAMPION if better else CHALLENGER
+        reason = f"{metric_key} {score:.6g} {verb} champion v{champion.version}'s {best:.6g} on the same test split"
+
+    tags = {f"metric.{k}": str(float(v)) for k, v in metrics.items() if isinstance(v, (int, float, np.number))}
+    tags.update(data_digest=data_digest, metric_key=metric_key, promotion=reason)
+    version = client.create_model_version(
+        name, source=f"models:/{model_id}", run_id=run_id, tags=tags, model_id=model_id
+    )
+    client.set_registered_model_alias(name, alias, version.version)
+    return Registration(name, str(version.version), alias, True, reason)
+
+
+def champion_uri(name: str) -> str:
+    """`models:/<name>@champion`, for mlflow.pyfunc / mlflow.pytorch loaders or `load_registered_model`."""
+    return f"models:/{name}@{CHAMPION}"
+
+
+def load_registered_model(name: str, *, alias: str = CHAMPION, tracking_uri: str) -> torch.nn.Module:
+    """The torch module of `models:/<name>@<alias>` (an exported pt2 graph: call it on [B, 3, T, H, W], any B)."""
+    mlflow.set_tracking_uri(tracking_uri)
+    return mlflow.pytorch.load_model(f"models:/{name}@{alias}")

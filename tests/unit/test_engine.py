@@ -1,0 +1,400 @@
+"""engine.py: training falls, video-level aggregation, checkpoints, exact resume, NaN and full-disk handling, DDP."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from action3d import engine
+from action3d.engine import (
+    CheckpointError,
+    NonFiniteLossError,
+    build_optimizer,
+    build_scheduler,
+    confusion_matrix,
+    evaluate,
+    fit,
+    load_checkpoint,
+    make_checkpoint,
+    per_class_accuracy,
+    save_checkpoint,
+    seed_everything,
+    topk_accuracy,
+    train_one_epoch,
+    video_level_scores,
+)
+
+CLASSES = 3
+
+
+class TinyNet(nn.Module):
+    """Conv3d + pool + linear: enough to learn the toy classes below."""
+
+    def __init__(self, num_classes: int = CLASSES, dropout: float = 0.0):
+        super().__init__()
+        self.conv = nn.Conv3d(3, 4, 3, padding=1)
+        self.pool = nn.AdaptiveAvgPool3d(1)
+        self.drop = nn.Dropout(dropout)
+        self.fc = nn.Linear(4, num_classes)
+
+    def forward(self, x):  # [B, 3, T, H, W] -> [B, C]
+        return self.fc(self.drop(self.pool(torch.relu(self.conv(x))).flatten(1)))
+
+
+class ClipDataset(Dataset):
+    """Clips as the data loaders yield them; clip i belongs to video i // clips_per_video."""
+
+    def __init__(self, n: int = 24, clips_per_video: int = 2, seed: int = 0, nan_at: int | None = None):
+        g = torch.Generator().manual_seed(seed)
+        self.labels = torch.arange(n) // clips_per_video % CLASSES
+        self.videos = torch.randn(n, 3, 4, 6, 6, generator=g) * 0.5
+        self.videos[torch.arange(n), self.labels] += 1.0  # the class brightens one colour channel
+        if nan_at is not None:
+            self.videos[nan_at] = float("nan")
+        self.clips_per_video = clips_per_video
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        video_index = torch.tensor(i // self.clips_per_video)
+        return {"video": self.videos[i], "label": self.labels[i], "video_index": video_index}
+
+
+def loaders(seed: int = 0, batch_size: int = 4, **data):
+    generator = torch.Generator().manual_seed(seed)
+    train = DataLoader(ClipDataset(**data), batch_size=batch_size, shuffle=True, generator=generator, num_workers=0)
+    val = DataLoader(ClipDataset(n=12, seed=1), batch_size=5, shuffle=False, num_workers=0)
+    return train, val
+
+
+def run_fit(tmp: Path, epochs: int, *, seed: int = 0, on_epoch_end=None, train=None, **kw):
+    """A whole run as a stage would start it: seed, build, fit (resuming from tmp/last.pt if present)."""
+    seed_everything(seed)
+    model = TinyNet(dropout=0.3)  # dropout draws from torch's global RNG: resume must restore it
+    train_loader, val_loader = loaders(seed)
+    optimizer = build_optimizer(model, lr=0.5)
+    scheduler = build_scheduler(optimizer, name="cosine", epochs=epochs, warmup_epochs=int(epochs > 1))
+    result = fit(
+        model, train or train_loader, val_loader, epochs=epochs, optimizer=optimizer, scheduler=scheduler,
+        checkpoint_dir=tmp, arch="tiny", model_kwargs={"num_classes": CLASSES}, device="cpu",
+        on_epoch_end=on_epoch_end, progress=False, **kw,
+    )  # fmt: skip
+    return model, result
+
+
+def comparable(history):
+    return [{k: v for k, v in h.items() if "per_s" not in k} for h in history]
+
+
+# --- training --------------------------------------------------------------------------------------------------
+
+
+def test_a_tiny_model_learns_and_checkpoints_every_epoch(tmp_path):
+    seen = []
+    _, result = run_fit(tmp_path, 5, on_epoch_end=lambda epoch, m: seen.append((epoch, m["val_video_top1"])))
+    history = result["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4, 5] and [e for e, _ in seen] == [1, 2, 3, 4, 5]
+    assert history[-1]["train_loss"] < 0.7 * history[0]["train_loss"]
+    assert history[-1]["val_video_top1"] >= 0.8
+    state = load_checkpoint(tmp_path / "last.pt")
+    assert state["epoch"] == 5 and state["arch"] == "tiny" and state["model_kwargs"] == {"num_classes": CLASSES}
+    assert len(state["history"]) == 5 and state["best_metric"] == max(h["val_video_top1"] for h in history)
+    assert {"python", "numpy", "torch", "cuda", "generators"} <= set(state["rng"]) and state["rng"]["generators"]
+    assert state["optimizer"]["state"] and state["scheduler"]["last_epoch"] == 5
+    best = load_checkpoint(tmp_path / "best.pt")
+    assert best["best_metric"] == result["best_metric"] and best["epoch"] == result["best_epoch"]
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_resume_gives_the_same_epochs_as_an_uninterrupted_run(tmp_path):
+    straight_model, straight = run_fit(tmp_path / "straight", 4)
+
+    def stop_after_two(epoch, metrics):
+        if epoch == 2:
+            raise KeyboardInterrupt  # a killed job: the epoch's checkpoint is already on disk
+
+    with pytest.raises(KeyboardInterrupt):
+        run_fit(tmp_path / "cut", 4, on_epoch_end=stop_after_two)
+    assert load_checkpoint(tmp_path / "cut" / "last.pt")["epoch"] == 2
+    torch.manual_seed(123)  # the new process's RNG is elsewhere: resume must put it back
+    resumed_model, resumed = run_fit(tmp_path / "cut", 4)
+
+    assert resumed["epochs_resumed"] == 2
+    a, b = comparable(straight["history"]), comparable(resumed["history"])
+    assert [h["epoch"] for h in b] == [1, 2, 3, 4]
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for key in x:
+            assert x[key] == pytest.approx(y[key], rel=1e-6, abs=1e-7), (x["epoch"], key)
+    for p, q in zip(straight_model.parameters(), resumed_model.parameters()):
+        torch.testing.assert_close(p, q)
+
+
+def test_a_finished_run_is_not_trained_again(tmp_path):
+    run_fit(tmp_path, 2)
+    before = (tmp_path / "last.pt").stat().st_mtime_ns
+    _, again = run_fit(tmp_path, 2)
+    assert again["epochs_resumed"] == 2 and len(again["history"]) == 2
+    assert (tmp_path / "last.pt").stat().st_mtime_ns == before
+
+
+def test_resume_refuses_a_checkpoint_of_another_architecture(tmp_path):
+    run_fit(tmp_path, 1)
+    seed_everything(0)
+    model = TinyNet()
+    train, val = loaders()
+    with pytest.raises(CheckpointError, match=r"last\.pt.*'tiny'.*'other'"):
+        fit(model, train, val, epochs=2, optimizer=build_optimizer(model), checkpoint_dir=tmp_path, arch="other",
+            model_kwargs={"num_classes": CLASSES}, device="cpu", progress=False)  # fmt: skip
+
+
+@pytest.mark.filterwarnings("ignore:the checkpoint holds 1 loader generator")  # the poisoned loader has none
+def test_nan_loss_names_epoch_and_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    run_fit(tmp_path, 1)
+    good = load_checkpoint(tmp_path / "last.pt")
+    poisoned = DataLoader(ClipDataset(nan_at=5), batch_size=4, shuffle=False)  # clip 5 is in step 1
+    with pytest.raises(NonFiniteLossError, match=r"epoch 2, step 1.*last good checkpoint is .*last\.pt \(epoch 1\)"):
+        run_fit(tmp_path, 3, train=poisoned)
+    after = load_checkpoint(tmp_path / "last.pt")
+    assert after["epoch"] == 1
+    for key, value in good["state_dict"].items():
+        torch.testing.assert_close(after["state_dict"][key], value)
+
+
+def test_a_failed_write_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def disk_full_on_second_save(obj, f, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            f.write(b"half a checkpoint")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", disk_full_on_second_save)
+    with pytest.raises(CheckpointError, match="No space left.*previous last.pt.*untouched"):
+        run_fit(tmp_path, 3)
+    assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt"]  # no temp file left behind
+
+
+def test_checkpoint_round_trip_without_wrapper_prefixes(tmp_path):
+    model = TinyNet()
+    compiled = torch.compile(model)  # lazy: nothing compiles until a forward pass
+    state = make_checkpoint(compiled, arch="tiny", model_kwargs={"num_classes": 3}, epoch=7, best_metric=0.5)
+    assert set(state["state_dict"]) == set(model.state_dict())  # no "_orig_mod." prefixes
+    path = save_checkpoint(state, tmp_path / "sub" / "ck.pt")
+    loaded = load_checkpoint(path)
+    assert loaded["epoch"] == 7 and loaded["best_metric"] == 0.5
+    fresh = TinyNet()
+    engine.restore_checkpoint(loaded, fresh)
+    torch.testing.assert_close(fresh.fc.weight, model.fc.weight)
+    with pytest.raises(CheckpointError, match="does not fit"):
+        engine.restore_checkpoint(loaded, TinyNet(num_classes=5))
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="junk.pt"):
+        load_checkpoint(tmp_path / "junk.pt")
+
+
+def test_bf16_channels_last_and_clipping_on_cpu():
+    seed_everything(0)
+    model = engine.prepare_model(TinyNet(), "cpu", channels_last=True)
+    assert model.conv.weight.is_contiguous(memory_format=torch.channels_last_3d)
+    train, val = loaders()
+    train.dataset.skipped_videos = 2  # what a data loader that skips unreadable videos exposes
+    optimizer = build_optimizer(model, lr=0.05)
+    before = model.fc.weight.detach().clone()
+    metrics = train_one_epoch(
+        model, nn.CrossEntropyLoss(), optimizer, train, "cpu", 1,
+        autocast_dtype=torch.bfloat16, channels_last=True, grad_clip=1.0, progress=False,
+    )  # fmt: skip
+    assert np.isfinite(metrics["loss"]) and metrics["clips"] == 24 and metrics["skipped_videos"] == 2
+    assert metrics["lr"] == 0.05 and metrics["clips_per_s"] > 0
+    assert not torch.equal(before, model.fc.weight)
+    result = evaluate(model, nn.CrossEntropyLoss(), val, "cpu", autocast_dtype=torch.bfloat16, channels_last=True,
+                      progress=False)  # fmt: skip
+    assert result["clips"] == 12 and result["videos"] == 6 and 0 <= result["video_top1"] <= 1
+    with pytest.raises(ValueError, match="bfloat16"):
+        train_one_epoch(model, nn.CrossEntropyLoss(), optimizer, train, "cpu", 1, autocast_dtype=torch.float16,
+                        progress=False)  # fmt: skip
+
+
+# --- evaluation ------------------------------------------------------------------------------------------------
+
+
+def test_video_level_scores_average_clip_softmax_per_video():
+    # video 7: two clips, each alone says class 0 weakly and class 1 strongly once -> mean picks class 1
+    probs = np.array(
+        [
+            [0.5, 0.4, 0.1, 0.0],  # video 7
+            [0.1, 0.8, 0.1, 0.0],  # video 7
+            [0.1, 0.3, 0.6, 0.0],  # video 2 (only clip)
+            [0.4, 0.3, 0.2, 0.1],  # video 5
+            [0.4, 0.1, 0.2, 0.3],  # video 5
+            [0.0, 0.3, 0.3, 0.4],  # video 5
+        ]
+    )
+    index = np.array([7, 7, 2, 5, 5, 5])
+    labels = np.array([1, 1, 0, 3, 3, 3])
+    scores = video_level_scores(probs, index, labels)
+    assert scores.video_index.tolist() == [2, 5, 7]
+    np.testing.assert_allclose(scores.probs[2], [0.3, 0.6, 0.1, 0.0])
+    np.testing.assert_allclose(scores.probs[1], [0.8 / 3, 0.7 / 3, 0.7 / 3, 0.8 / 3])
+    assert scores.labels.tolist() == [0, 3, 1]
+    # predictions: video 2 -> 2 (wrong), video 5 -> tie of 0 and 3 -> 0 (first), video 7 -> 1 (right)
+    assert topk_accuracy(scores.probs, scores.labels, 1) == pytest.approx(1 / 3)
+    assert topk_accuracy(scores.probs, scores.labels, 2) == pytest.approx(2 / 3)  # video 5's 3 is second
+    assert topk_accuracy(scores.probs, scores.labels, 5) == 1.0  # k capped at 4 classes
+    matrix = confusion_matrix(scores.labels, scores.probs.argmax(1), 4)
+    assert matrix.tolist() == [[0, 0, 1, 0], [0, 1, 0, 0], [0, 0, 0, 0], [1, 0, 0, 0]]
+    per_class = per_class_accuracy(matrix)
+    assert per_class[1] == 1.0 and per_class[0] == 0.0 and per_class[3] == 0.0 and np.isnan(per_class[2])
+    with pytest.raises(ValueError, match="video 7"):
+        video_level_scores(probs, index, np.array([1, 2, 0, 3, 3, 3]))
+
+
+class EchoLogits(nn.Module):
+    """Returns the logits written into the clip itself: video[:, 0, 0, 0, :C]."""
+
+    def __init__(self):
+        super().__init__()
+        self.unused = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        return x[:, 0, 0, 0, :] + 0 * self.unused
+
+
+def test_evaluate_aggregates_every_window_of_a_video_across_batches():
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(10, 4, generator=g) * 2
+    index = torch.tensor([4, 4, 4, 0, 0, 9, 1, 1, 1, 1])
+    labels = torch.tensor([2, 2, 2, 1, 1, 3, 0, 0, 0, 0])
+    batches = [
+        {"video": logits[i : i + 3].reshape(-1, 1, 1, 1, 4).expand(-1, 3, 1, 1, 4), "label": labels[i : i + 3],
+         "video_index": index[i : i + 3]}
+        for i in range(0, 10, 3)
+    ]  # fmt: skip — batches of 3 split videos 4, 0 and 1 across batches
+    result = evaluate(EchoLogits(), nn.CrossEntropyLoss(), batches, "cpu", progress=False)
+    expected = video_level_scores(logits.softmax(1).numpy(), index.numpy(), labels.numpy())
+    np.testing.assert_allclose(result["video_probs"], expected.probs, rtol=1e-6)
+    assert result["video_index"].tolist() == [0, 1, 4, 9] and result["videos"] == 4 and result["clips"] == 10
+    assert result["video_top1"] == topk_accuracy(expected.probs, expected.labels, 1)
+    assert result["top1"] == pytest.approx(float((logits.argmax(1) == labels).float().mean()))
+    assert result["loss"] == pytest.approx(float(nn.functional.cross_entropy(logits, labels)), rel=1e-5)
+    assert result["confusion_matrix"].sum() == 4 and result["per_class_accuracy"].shape == (4,)
+    reversed_time = evaluate(EchoLogits(), nn.CrossEntropyLoss(), batches, "cpu", progress=False,
+                             input_transform=lambda v: -v)  # fmt: skip
+    assert reversed_time["loss"] != pytest.approx(result["loss"])  # the hook reaches the model's input
+
+
+# --- optimisation ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of")
+def test_optimizer_and_schedulers_follow_the_recipe():
+    model = TinyNet()
+    model.conv.requires_grad_(False)  # frozen layers are left out, as when fine-tuning from a later block
+    sgd = build_optimizer(model)
+    group = sgd.param_groups[0]
+    assert (group["lr"], group["momentum"], group["dampening"], group["weight_decay"], group["nesterov"]) == (
+        0.1, 0.9, 0.9, 1e-3, False,
+    )  # fmt: skip
+    assert len(group["params"]) == 2  # fc weight and bias only
+    with pytest.raises(ValueError, match="dampening=0"):
+        build_optimizer(model, nesterov=True)
+
+    def lrs(scheduler, optimizer, epochs, values=None):
+        out = []
+        for e in range(epochs):
+            out.append(optimizer.param_groups[0]["lr"])
+            scheduler.step(*([values[e]] if values else []))
+        return out
+
+    opt = build_optimizer(model, lr=1.0)
+    cosine = lrs(build_scheduler(opt, name="cosine", epochs=6, warmup_epochs=2), opt, 6)
+    assert cosine[:3] == pytest.approx([0.5, 1.0, 1.0]) and cosine[3] < 1.0 and cosine[5] < cosine[4] < cosine[3]
+    opt = build_optimizer(model, lr=1.0)
+    assert lrs(build_scheduler(opt, name="multistep", milestones=[2, 4]), opt, 5) == pytest.approx(
+        [1.0, 1.0, 0.1, 0.1, 0.01]
+    )
+    opt = build_optimizer(model, lr=1.0)
+    plateau = build_scheduler(opt, name="plateau", patience=2)
+    assert lrs(plateau, opt, 6, values=[1.0, 0.9, 0.9, 0.9, 0.9, 0.9]) == pytest.approx([1, 1, 1, 1, 1, 0.1])
+    opt = build_optimizer(model, lr=1.0)
+    per_step = build_scheduler(opt, name="cosine", epochs=2, warmup_epochs=1, steps_per_epoch=4)
+    assert lrs(per_step, opt, 4) == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    with pytest.raises(ValueError, match="unknown scheduler 'step'"):
+        build_scheduler(opt, name="step")
+
+
+# --- DDP -------------------------------------------------------------------------------------------------------
+
+DDP_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    from pathlib import Path
+    import torch
+    from torch.utils.data import DataLoader, DistributedSampler
+    sys.path.insert(0, sys.argv[2])
+    from test_engine import TinyNet, ClipDataset, CLASSES
+    from action3d import distributed, engine
+
+    out = Path(sys.argv[1])
+    info = distributed.init_distributed()
+    engine.seed_everything(0)
+    model = engine.prepare_model(TinyNet(), info.device)
+    train_set, val_set = ClipDataset(n=16), ClipDataset(n=12, seed=1)
+    train = DataLoader(train_set, batch_size=4, sampler=DistributedSampler(train_set, shuffle=False))
+    val = DataLoader(val_set, batch_size=5, sampler=distributed.ShardSampler(len(val_set)))
+    optimizer = engine.build_optimizer(model, lr=0.05)
+    result = engine.fit(
+        model, train, val, epochs=2, optimizer=optimizer, checkpoint_dir=out / f"ck{info.rank}", arch="tiny",
+        model_kwargs={"num_classes": CLASSES}, device=info.device, progress=False,
+    )
+    (out / f"rank{info.rank}.json").write_text(json.dumps({"world": info.world_size, "history": result["history"]}))
+    distributed.cleanup()
+    """
+)
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_agree_and_match_one_process(tmp_path):
+    (tmp_path / "ddp_script.py").write_text(DDP_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(tmp_path / "ddp_script.py"), str(tmp_path), str(Path(__file__).parent)],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert rank0["world"] == 2
+    assert comparable(rank0["history"]) == comparable(rank1["history"])
+    assert (tmp_path / "ck0" / "last.pt").is_file() and not (tmp_path / "ck1").exists()  # rank 0 alone writes
+    assert set(load_checkpoint(tmp_path / "ck0" / "last.pt")["state_dict"]) == set(TinyNet().state_dict())
+    assert rank0["history"][-1]["val_clips"] == 12 and rank0["history"][-1]["val_videos"] == 6  # gathered
+
+    # one process, batch 8 = two ranks of 4: the same gradients, so the same metrics
+    seed_everything(0)
+    model = TinyNet()
+    train = DataLoader(ClipDataset(n=16), batch_size=8, shuffle=False)
+    val = DataLoader(ClipDataset(n=12, seed=1), batch_size=5, shuffle=False)
+    single = fit(model, train, val, epochs=2, optimizer=build_optimizer(model, lr=0.05),
+                 checkpoint_dir=tmp_path / "single", arch="tiny", model_kwargs={"num_classes": CLASSES},
+                 device="cpu", progress=False)  # fmt: skip
+    for x, y in zip(comparable(single["history"]), comparable(rank0["history"])):
+        for key in x:
+            assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-6), key

@@ -1,0 +1,180 @@
+"""tracking.py against a real MLflow sqlite store: runs, lineage tags, datasets, logged models, registry aliases."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from torch import nn
+
+from action3d import tracking
+from action3d.tracking import CHALLENGER, CHAMPION, register_model, start_stage_run
+
+CLIP = (3, 4, 8, 8)  # [3, T, H, W] of the toy clips
+
+
+class TinyNet(nn.Module):
+    def __init__(self, num_classes: int = 5):
+        super().__init__()
+        self.conv = nn.Conv3d(3, 4, 3, padding=1)
+        self.pool = nn.AdaptiveAvgPool3d(1)
+        self.fc = nn.Linear(4, num_classes)
+
+    def forward(self, x):  # [B, 3, T, H, W] -> [B, C]
+        return self.fc(self.pool(torch.relu(self.conv(x))).flatten(1))
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One sqlite store for the module (creating its tables takes seconds); tests use their own names in it."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        root = tmp_path_factory.mktemp("store")
+        yield tracking.resolve_tracking_uri(root / "mlflow.db"), root
+
+
+def log_trained_run(uri: str, experiment: str, seed: int) -> tuple[str, nn.Module]:
+    """A finetune-like run that logs a model (example of batch 1: log_model must widen it to 2)."""
+    torch.manual_seed(seed)
+    model = TinyNet()
+    with start_stage_run("finetune", experiment=experiment, tracking_uri=uri, params={"seed": seed}) as run:
+        run.log_model(model, torch.randn(1, *CLIP))
+    return run.run_id, model
+
+
+def promotion_flow(uri: str, name: str, experiment: str) -> None:
+    """The registry rules, end to end; shared with the integration test against `mlflow server`."""
+    client = MlflowClient(uri)
+    runs = {seed: log_trained_run(uri, experiment, seed) for seed in range(5)}
+
+    def register(seed: int, score: float, digest: str = "split-a"):
+        return register_model(
+            runs[seed][0], name, metrics={"video_top1": score, "video_top5": 1.0}, data_digest=digest,
+            metric_key="video_top1", tracking_uri=uri,
+        )  # fmt: skip
+
+    def aliases(version: str) -> list[str]:
+        return list(client.get_model_version(name, version).aliases)
+
+    first = register(0, 0.50)
+    assert (first.version, first.alias, first.created) == ("1", CHAMPION, True)
+    worse = register(1, 0.40)
+    assert (worse.version, worse.alias) == ("2", CHALLENGER) and "does not beat" in worse.reason
+    again = register(1, 0.40)
+    assert (again.version, again.alias, again.created) == ("2", CHALLENGER, False)
+    assert len(client.search_model_versions(f"name = '{name}'")) == 2  # idempotent: no third version
+    tie = register(2, 0.50)
+    assert tie.alias == CHALLENGER and aliases("3") == [CHALLENGER] and aliases("2") == []  # ties keep the champion
+    better = register(3, 0.70)
+    assert (better.version, better.alias) == ("4", CHAMPION) and aliases("1") == []
+    tags = client.get_model_version(name, "4").tags
+    assert tags["metric.video_top1"] == "0.7" and tags["data_digest"] == "split-a" and "beats" in tags["promotion"]
+    assert client.get_model_version(name, "4").run_id == runs[3][0]
+    # another test split: 0.30 is not comparable with 0.70; the version measured on the current split takes over
+    moved = register(4, 0.30, digest="split-b")
+    assert moved.alias == CHAMPION and "not comparable" in moved.reason
+    assert client.get_model_version_by_alias(name, CHAMPION).version in ("5", 5)
+
+    # the champion loads back through the registry and predicts on any batch size
+    mlflow.set_tracking_uri(uri)
+    x = torch.randn(3, *CLIP)
+    expected = runs[4][1](x).detach().numpy()
+    pyfunc = mlflow.pyfunc.load_model(tracking.champion_uri(name))
+    np.testing.assert_allclose(pyfunc.predict(x.numpy()), expected, rtol=1e-5, atol=1e-6)
+    module = tracking.load_registered_model(name, tracking_uri=uri)
+    np.testing.assert_allclose(module(x).detach().numpy(), expected, rtol=1e-5, atol=1e-6)
+    assert tuple(module(x[:1]).shape) == (1, 5)
+
+
+def test_tracking_uri_honours_the_environment(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking.resolve_tracking_uri(tmp_path / "m.db") == f"sqlite:///{tmp_path / 'm.db'}"
+    assert not (tmp_path / "m.db").exists()  # resolving creates nothing
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    assert tracking.resolve_tracking_uri(tmp_path / "m.db") == "http://127.0.0.1:5999"
+
+
+def test_git_state_reads_commit_and_dirty_tree(tmp_path):
+    assert tracking.git_state(tmp_path) == {"git_commit": "unknown", "git_dirty": "unknown"}
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    (tmp_path / "a.txt").write_text("one")
+    subprocess.run([*git, "add", "a.txt"], check=True)
+    subprocess.run([*git, "commit", "-qm", "one"], check=True)
+    sha = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    (tmp_path / "untracked.txt").write_text("not part of the tree")
+    assert tracking.git_state(tmp_path) == {"git_commit": sha, "git_dirty": "false"}
+    (tmp_path / "a.txt").write_text("two")
+    assert tracking.git_state(tmp_path)["git_dirty"] == "true"
+
+
+def test_a_stage_run_records_params_lineage_metrics_and_data(store, tmp_path, monkeypatch):
+    uri, root = store
+    monkeypatch.chdir(tmp_path)  # nothing may land in the working directory
+    manifest = tmp_path / "test.csv"
+    manifest.write_text("path,label,label_name,video_id,group\nv/a.mp4,0,wave,a,g1\nv/b.mp4,1,clap,b,g2\n")
+    params = {"finetune": {"lr": 0.001, "milestones": [5, 10]}, "model": {"name": "resnet18", "kwargs": {}}}
+    with start_stage_run(
+        "evaluate", experiment="lineage", tracking_uri=uri, params=params, params_hash="abc123",
+        parent_run_id="parent-run", data_digests={"pretrain": "d" * 32}, repo_dir=tmp_path,
+    ) as run:  # fmt: skip
+        digest = run.log_manifest(manifest, context="test")
+        for epoch in (1, 2):
+            run.log_epoch({"epoch": epoch, "val_loss": 1.0 / epoch, "per_class": np.zeros(3)}, step=epoch)
+        (tmp_path / "out").mkdir()
+        (tmp_path / "out" / "metrics.json").write_text("{}")
+        run.log_artifacts(tmp_path / "out", "reports")
+
+    client = MlflowClient(uri)
+    logged = client.get_run(run.run_id)
+    assert logged.info.status == "FINISHED" and logged.info.run_name == "evaluate"
+    assert logged.data.params == {
+        "finetune.lr": "0.001", "finetune.milestones": "[5, 10]", "model.name": "resnet18", "model.kwargs": "{}",
+    }  # fmt: skip
+    tags = logged.data.tags
+    assert digest == hashlib.md5(manifest.read_bytes()).hexdigest()
+    assert tags["stage"] == "evaluate" and tags["params_hash"] == "abc123" and tags["parent_run_id"] == "parent-run"
+    assert tags["git_commit"] == "unknown" and tags["data_digest.pretrain"] == "d" * 32
+    assert tags["data_digest.test"] == digest
+    assert [(m.step, m.value) for m in client.get_metric_history(run.run_id, "val_loss")] == [(1, 1.0), (2, 0.5)]
+    assert set(logged.data.metrics) == {"val_loss"}  # "epoch" and arrays are not metrics
+    (dataset_input,) = logged.inputs.dataset_inputs
+    assert dataset_input.dataset.digest == digest and dataset_input.dataset.name == f"{tmp_path.name}/test"
+    assert {t.key: t.value for t in dataset_input.tags}["mlflow.data.context"] == "test"
+    assert [a.path for a in client.list_artifacts(run.run_id, "reports")] == ["reports/metrics.json"]
+    assert (root / "mlartifacts" / "lineage").is_dir()  # artifacts beside the sqlite file
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "test.csv"]
+
+    with start_stage_run("evaluate", experiment="lineage", tracking_uri=uri, run_id=run.run_id) as reopened:
+        reopened.log_epoch({"val_loss": 0.25}, step=3)
+    assert len(client.get_metric_history(run.run_id, "val_loss")) == 3
+
+
+def test_a_failing_stage_marks_its_run_failed(store):
+    uri, _ = store
+    with pytest.raises(RuntimeError, match="boom"):
+        with start_stage_run("pretrain", experiment="failures", tracking_uri=uri) as run:
+            raise RuntimeError("boom")
+    assert MlflowClient(uri).get_run(run.run_id).info.status == "FAILED"
+
+
+def test_registry_promotion_rules_and_champion_loads_back(store):
+    uri, _ = store
+    promotion_flow(uri, "action3d-unit", "registry")
+
+
+def test_register_refuses_what_it_cannot_judge(store):
+    uri, _ = store
+    with start_stage_run("finetune", experiment="registry", tracking_uri=uri) as run:
+        pass
+    with pytest.raises(KeyError, match="video_top1"):
+        register_model(run.run_id, "m", metrics={"top1": 0.5}, data_digest="x", metric_key="video_top1",
+                       tracking_uri=uri)  # fmt: skip
+    with pytest.raises(LookupError, match="no logged model"):
+        register_model(run.run_id, "m", metrics={"video_top1": 0.5}, data_digest="x", metric_key="video_top1",
+                       tracking_uri=uri)  # fmt: skip
