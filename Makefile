@@ -6,6 +6,11 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
+# dvc.yaml's stages call `action3d`, and the tests call dvc and moto_server: all from the venv.
+export PATH := $(abspath $(BIN)):$(PATH)
+# MLflow's usage telemetry cannot reach its collector offline; it only adds noise and a race.
+export MLFLOW_DISABLE_TELEMETRY := true
+
 .PHONY: setup run test test-fast bench clean
 
 setup: $(STAMP)
@@ -18,7 +23,9 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $@
 
 run: $(STAMP)
-	$(BIN)/action3d models
+	dvc repro
+	@echo
+	action3d report
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -1,11 +1,28 @@
-"""The `action3d` command. It parses paths and overrides, then calls library functions: no logic lives here."""
+"""The `action3d` command. It parses paths and overrides, then calls library functions: no logic lives here.
+
+    action3d models                       the model zoo with sizes and costs
+    action3d stage NAME --paths ...       one pipeline stage (what dvc.yaml runs)
+    action3d data synth|split|cache       the same data stages, by hand
+    action3d data push|pull DIR s3://...  move a raw dataset to or from S3
+    action3d report                       where the pipeline's results are
+
+Every command that reads knobs takes `--params params.yaml` and `-S key=value` overrides (as `dvc exp run -S`).
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 from action3d.errors import Action3dError
+
+
+def _params(args: argparse.Namespace):
+    from action3d.config import load_params
+
+    return load_params(args.params, args.set)
 
 
 def _cmd_models(args: argparse.Namespace) -> None:
@@ -15,25 +32,197 @@ def _cmd_models(args: argparse.Namespace) -> None:
     print(format_model_table(rows))
 
 
+# --- stages: each handler maps arguments onto the stage's run(params, **paths) ---------------------------------
+
+
+def _stage_synth(args):
+    from action3d.stages import synth
+
+    return synth.run(_params(args), out_dir=args.out, hmdb51=args.hmdb51, workers=args.workers)
+
+
+def _stage_split(args):
+    from action3d.stages import split
+
+    return split.run(_params(args), role=args.role, data_root=args.data, out_dir=args.out,
+                     annotations=args.annotations, workers=args.workers)
+
+
+def _stage_cache(args):
+    from action3d.stages import cache
+
+    return cache.run(_params(args), manifests_dir=args.manifests, data_root=args.data, out_dir=args.out,
+                     workers=args.workers)
+
+
+def _stage_pretrain(args):
+    from action3d.stages import pretrain
+
+    return pretrain.run(_params(args), manifests_dir=args.manifests, cache_dir=args.cache, out_dir=args.out)
+
+
+def _stage_finetune(args):
+    from action3d.stages import finetune
+
+    return finetune.run(_params(args), manifests_dir=args.manifests, cache_dir=args.cache, out_dir=args.out,
+                        pretrained=args.pretrained)
+
+
+def _stage_evaluate(args):
+    from action3d.stages import evaluate
+
+    return evaluate.run(_params(args), model_path=args.model, manifests_dir=args.manifests, cache_dir=args.cache,
+                        out_dir=args.out, subset=args.subset)
+
+
+def _stage_register(args):
+    from action3d.stages import register
+
+    return register.run(_params(args), train_dir=args.train, metrics_path=args.metrics,
+                        test_manifest=args.test_manifest, out_path=args.out)
+
+
+def _add_data_stages(sub) -> None:
+    """synth, split and cache: under both `stage` (for dvc.yaml) and `data` (by hand)."""
+    p = sub.add_parser("synth", help="write the demo videos (Kinetics and UCF-101 layouts)")
+    p.add_argument("--out", default="data/raw", help="writes OUT/pretrain and OUT/finetune")
+    p.add_argument("--hmdb51", action="store_true", help="write the fine-tuning set in the HMDB-51 layout instead")
+    p.add_argument("--workers", type=int, default=None, help="encoder processes (default: every core)")
+    p.set_defaults(func=_stage_synth)
+
+    p = sub.add_parser("split", help="a dataset in its official layout -> manifests")
+    p.add_argument("--role", choices=["pretrain", "finetune"], required=True,
+                   help="which layout knob applies: split.pretrain_layout or split.finetune_layout")
+    p.add_argument("--data", required=True, help="the dataset's root folder")
+    p.add_argument("--out", required=True, help="folder for train/val/test.csv, classes.json, report.json")
+    p.add_argument("--annotations", default=None, help="split files, when not inside --data")
+    p.add_argument("--workers", type=int, default=None)
+    p.set_defaults(func=_stage_split)
+
+    p = sub.add_parser("cache", help="raw videos -> training-ready frame packs")
+    p.add_argument("--manifests", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--workers", type=int, default=None)
+    p.set_defaults(func=_stage_cache)
+
+
+def _add_training_stages(sub) -> None:
+    for name, func, text in (("pretrain", _stage_pretrain, "train from scratch on the large set"),
+                             ("finetune", _stage_finetune, "fine-tune on the small set")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--manifests", required=True)
+        p.add_argument("--cache", required=True)
+        p.add_argument("--out", required=True, help="model.pt, history.csv, run.json, checkpoints/")
+        if name == "finetune":
+            p.add_argument("--pretrained", default=None, help="the pretrain stage's model.pt (finetune.init=pretrain)")
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("evaluate", help="video-level accuracy of a trained model")
+    p.add_argument("--model", required=True)
+    p.add_argument("--manifests", required=True)
+    p.add_argument("--cache", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--subset", default="test", choices=["train", "val", "test"])
+    p.set_defaults(func=_stage_evaluate)
+
+    p = sub.add_parser("register", help="register the fine-tuned model; champion only if it is better")
+    p.add_argument("--train", required=True, help="the finetune stage's folder (its run.json)")
+    p.add_argument("--metrics", required=True, help="the evaluate stage's metrics.json")
+    p.add_argument("--test-manifest", required=True, help="the test split whose digest the score belongs to")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_stage_register)
+
+
+# --- S3 and the report -----------------------------------------------------------------------------------------
+
+
+def _s3_config(args):
+    from action3d.storage import S3Config
+
+    params = _params(args)
+    return S3Config.from_env(endpoint_url=params.storage.endpoint_url, region=params.storage.region)
+
+
+def _cmd_push(args):
+    from action3d.storage import sync_up
+
+    print(_transfer_summary(sync_up(args.dir, args.uri, config=_s3_config(args)), f"{args.dir} -> {args.uri}"))
+
+
+def _cmd_pull(args):
+    from action3d.storage import sync_down
+
+    print(_transfer_summary(sync_down(args.uri, args.dir, config=_s3_config(args)), f"{args.uri} -> {args.dir}"))
+
+
+def _transfer_summary(transfers, what: str) -> str:
+    moved = [t for t in transfers if not t.skipped]
+    return (f"{what}: {len(moved)} file(s) moved ({sum(t.bytes_moved for t in moved) / 1e6:.1f} MB), "
+            f"{len(transfers) - len(moved)} unchanged")
+
+
+def _cmd_report(args) -> None:
+    from action3d.report import report
+
+    print(report(Path(args.runs)))
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="action3d", description=__doc__)
+    parser = argparse.ArgumentParser(prog="action3d", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--params", default="params.yaml", help="the knobs (default: params.yaml)")
+    common.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a knob, e.g. -S finetune.lr=0.01 (repeatable)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     models = sub.add_parser("models", help="list every registered 3D CNN with its size and cost")
     models.add_argument("filter", nargs="?", default=None, help="only names containing this text")
     models.set_defaults(func=_cmd_models)
+
+    stage = sub.add_parser("stage", help="run one pipeline stage (dvc.yaml calls these)")
+    stages = stage.add_subparsers(dest="stage", required=True, parser_class=_with(common))
+    _add_data_stages(stages)
+    _add_training_stages(stages)
+
+    data = sub.add_parser("data", help="demo data, manifests, cache, and S3 transfers of raw datasets")
+    datas = data.add_subparsers(dest="data_command", required=True, parser_class=_with(common))
+    _add_data_stages(datas)
+    for name, func, text in (("push", _cmd_push, "upload DIR to s3://bucket/prefix (only changed files move)"),
+                             ("pull", _cmd_pull, "download s3://bucket/prefix into DIR (only changed files)")):
+        p = datas.add_parser(name, help=text)
+        p.add_argument("dir" if name == "push" else "uri")
+        p.add_argument("uri" if name == "push" else "dir")
+        p.set_defaults(func=func)
+
+    report = sub.add_parser("report", help="the pipeline's metrics, registered model and where to look")
+    report.add_argument("--runs", default="runs", help="the pipeline's output folder")
+    report.set_defaults(func=_cmd_report)
     return parser
+
+
+def _with(common: argparse.ArgumentParser):
+    """A parser class whose instances all take the common --params / -S options."""
+
+    class Parser(argparse.ArgumentParser):
+        def __init__(self, **kwargs):
+            super().__init__(parents=[common], **kwargs)
+
+    return Parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        result = args.func(args)
     except KeyboardInterrupt:
         return 130
     except Action3dError as err:  # bad input: one message a person can act on, no traceback
         print(f"action3d: error: {err}", file=sys.stderr)
         return 2
+    if isinstance(result, dict) and getattr(args, "command", None) == "stage":
+        print(json.dumps(result, default=str))
     return 0
 
 

@@ -39,33 +39,42 @@ class SynthPretrain(Section):
 
 
 class SynthFinetune(Section):
-    classes: int = 10
+    classes: int = 7
     groups: int = 7
     clips_per_group: int = 3
 
 
 class Synth(Section):
     seed: int = 0
+    looks: int = 8
     width: int = 320
     height: int = 240
     fps: int = 25
     seconds: float = 2.4
+    gop: int = 250
+    crf: int = 18
     pretrain: SynthPretrain = SynthPretrain()
     finetune: SynthFinetune = SynthFinetune()
-    hmdb51: bool = False
+
+
+Layout = Literal["kinetics", "ucf101", "hmdb51", "folder"]
 
 
 class Split(Section):
-    pretrain_layout: Literal["kinetics", "ucf101", "hmdb51", "folder"] = "kinetics"
-    finetune_layout: Literal["kinetics", "ucf101", "hmdb51", "folder"] = "ucf101"
+    pretrain_layout: Layout = "kinetics"
+    finetune_layout: Layout = "ucf101"
     split: Literal[1, 2, 3] = 1
     val_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+    test_fraction: float = Field(0.2, ge=0.0, lt=1.0)
     seed: int = 0
     probe: bool = True
+    min_frames: int = 16
+    allow_leakage: bool = False
 
 
 class Cache(Section):
     short_side: int = 128
+    quality: int = Field(90, ge=1, le=100)
 
 
 # --- model and training ----------------------------------------------------------------------------------------
@@ -79,6 +88,12 @@ class Model(Section):
 class Clip(Section):
     frames: int = 16
     crop_size: int = 112
+    stride: int = Field(1, ge=1)
+
+
+class Augment(Section):
+    scales: list[float] = [1.0, 2**-0.25, 2**-0.5, 2**-0.75, 0.5]
+    hflip: float = Field(0.5, ge=0.0, le=1.0)
 
 
 class Train(Section):
@@ -98,6 +113,7 @@ class Train(Section):
     channels_last: bool = True
     compile: bool = False
     workers: int = 2
+    device: str = "auto"  # auto = cuda when available (cuda:LOCAL_RANK under torchrun), else cpu
 
 
 class Finetune(Train):
@@ -123,6 +139,12 @@ class Tracking(Section):
     experiment: str = "action3d"
 
 
+class Storage(Section):
+    endpoint_url: str | None = None  # else AWS_ENDPOINT_URL; null + no variable = AWS itself
+    region: str | None = None
+    checkpoints: str | None = None  # s3://bucket/prefix: training mirrors its checkpoints there every epoch
+
+
 class Params(Section):
     seed: int = 0
     synth: Synth = Synth()
@@ -130,11 +152,13 @@ class Params(Section):
     cache: Cache = Cache()
     model: Model = Model()
     clip: Clip = Clip()
+    augment: Augment = Augment()
     pretrain: Train = Train()
     finetune: Finetune = Finetune()
     evaluate: Evaluate = Evaluate()
     registry: Registry = Registry()
     tracking: Tracking = Tracking()
+    storage: Storage = Storage()
 
     def flat(self) -> dict[str, Any]:
         """Every knob as a dotted key, for MLflow params and Optuna."""

@@ -29,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from action3d import distributed as dist
+from action3d.errors import Action3dError
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ LAST_CHECKPOINT = "last.pt"
 BEST_CHECKPOINT = "best.pt"
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(Action3dError, FloatingPointError):
     """The loss became NaN or infinite; `epoch` and `step` say where (the step counts from 0 in that epoch)."""
 
     def __init__(self, epoch: int, step: int, value: float, hint: str = ""):
@@ -50,7 +51,7 @@ class NonFiniteLossError(FloatingPointError):
         return type(self), (self.epoch, self.step, self.value, self.hint)
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(Action3dError, RuntimeError):
     """A checkpoint could not be written, read, or does not fit this run; the message names the file."""
 
 

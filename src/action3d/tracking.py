@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import math
 import os
 import subprocess
@@ -42,6 +41,7 @@ from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, RESOURCE_DOES_
 from mlflow.tracking import MlflowClient
 
 from action3d.engine import unwrap_model
+from action3d.storage import file_md5
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -124,15 +124,6 @@ def flatten_params(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
         else:
             flat[dotted] = str(value)
     return flat
-
-
-def file_md5(path: str | Path) -> str:
-    """md5 of a file's bytes: what DVC records as a file's `md5` in dvc.lock and .dvc files."""
-    digest = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # --- a run per stage -------------------------------------------------------------------------------------------

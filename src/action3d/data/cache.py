@@ -35,6 +35,7 @@ import numpy as np
 from tqdm import tqdm
 
 from action3d.data.video import VideoReadError, atomic_path, write_atomic_text
+from action3d.errors import Action3dError
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ INDEX = "index.csv"
 REPORT = "cache_report.json"
 
 
-class CacheError(RuntimeError):
+class CacheError(Action3dError, RuntimeError):
     """A cache file is missing, truncated or not a frame pack; the message names it."""
 
 

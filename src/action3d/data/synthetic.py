@@ -336,12 +336,22 @@ def spin(sense: float) -> Program:
     return program
 
 
-def orbit(sense: float) -> Program:
-    """A sprite circling a point (sense +1 clockwise), radius 45-75 u, 6-9 degrees per frame."""
+def orbit(sense: float, rhythm: str = "steady") -> Program:
+    """A sprite circling a point (sense +1 clockwise), radius 45-75 u, with a temporal `rhythm`.
+
+    The turn per frame follows `_rhythm` in units of a 60-90 degree "period" (the spacing of a 4-6 spoke wheel),
+    so an orbit moves at the speeds of the fine-tuning wheel's spokes. "steady" draws any constant speed from slow
+    to fast; "swing" goes back and forth (a pendulum) and has no sense.
+    """
 
     def program(rng: np.random.Generator, st: Stage) -> list[Track]:
         radius = min(rng.uniform(45, 75) * st.u, 0.5 * st.height - 28 * st.u)
-        phi = rng.uniform(0, 2 * math.pi) + sense * math.radians(rng.uniform(6, 9)) * np.arange(st.n)
+        period = math.radians(rng.uniform(60, 90))
+        if rhythm == "steady":
+            step = _const(st.n, rng.uniform(0.07, 0.25))
+        else:
+            step = _rhythm(rhythm, rng, st.n)
+        phi = rng.uniform(0, 2 * math.pi) + sense * np.cumsum(step) * period
         offsets = radius * np.stack([np.cos(phi), np.sin(phi)], axis=1)
         path = _place(rng, st, offsets, pad=25 * st.u)
         turn = phi if rng.random() < 0.5 else _const(st.n, rng.uniform(0, 2 * math.pi))
@@ -428,14 +438,20 @@ def replicate(program: Program, copies: int = 3) -> Program:
 _PRIMITIVES: dict[str, Program] = {
     "move right": move(0), "move up right": move(45), "move up": move(90), "move up left": move(135),
     "move left": move(180), "move down left": move(225), "move down": move(270), "move down right": move(315),
-    "spin clockwise": spin(+1), "spin counterclockwise": spin(-1),
     "orbit clockwise": orbit(+1), "orbit counterclockwise": orbit(-1),
+    "orbit clockwise in bursts": orbit(+1, "stopgo"), "orbit counterclockwise in bursts": orbit(-1, "stopgo"),
+    "orbit clockwise with backsteps": orbit(+1, "ratchet"),
+    "orbit counterclockwise with backsteps": orbit(-1, "ratchet"),
+    "orbit clockwise speeding up": orbit(+1, "spinup"), "orbit counterclockwise speeding up": orbit(-1, "spinup"),
+    "pendulum": orbit(+1, "swing"),
+    "spin clockwise": spin(+1), "spin counterclockwise": spin(-1),
     "zoom in": zoom(True), "zoom out": zoom(False),
     "approach": meet(True), "move apart": meet(False),
+    "bounce": bounce(),
     "stop and go": speed_profile("stop and go"), "ratchet": speed_profile("ratchet"),
     "oscillate": speed_profile("oscillate"), "accelerate": speed_profile("accelerate"),
     "decelerate": speed_profile("decelerate"),
-    "pass by": two_lanes(True), "move together": two_lanes(False), "bounce": bounce(),
+    "pass by": two_lanes(True), "move together": two_lanes(False),
 }
 PRETRAIN_CLASSES: dict[str, Program] = {name: replicate(p) for name, p in _PRIMITIVES.items()}
 

@@ -13,6 +13,8 @@ from typing import Iterable
 
 import numpy as np
 
+from action3d.errors import Action3dError
+
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".3gp", ".ogv")
 CONTAINER_FORMATS = {".mp4": "mp4", ".avi": "avi", ".mkv": "matroska", ".mov": "mov", ".m4v": "mp4"}
 
@@ -124,7 +126,7 @@ def read_frames(path: str | Path) -> tuple[np.ndarray, float]:
     return np.stack(frames), fps
 
 
-class VideoReadError(RuntimeError):
+class VideoReadError(Action3dError, RuntimeError):
     """A video could not be read; `path` names it and `reason` says what failed."""
 
     def __init__(self, path: str | Path, reason: str):

@@ -1,0 +1,126 @@
+"""Stage evaluate: the paper's video-level test on a trained model.
+
+Every non-overlapping T-frame window of every test video is scored; a video's class is the argmax of its clips'
+mean softmax. With `evaluate.time_shuffle_control`, the same clips are scored again with their frames shuffled
+in time: a model that uses motion drops to near chance there, one that reads single frames does not.
+
+Writes into `out_dir`: metrics.json (DVC metrics), per_class.csv, predictions.csv (video, actual, predicted: DVC's
+confusion plot), confusion.png; and the same to an MLflow run, a child of the training run.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from action3d import engine
+from action3d.config import Params
+from action3d.data.video import write_atomic_text
+from action3d.stages.common import pick_device, tracking_uri, write_json
+
+
+def plot_confusion(matrix: np.ndarray, classes: list[str], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    size = 2.5 + 0.45 * len(classes)
+    fig, ax = plt.subplots(figsize=(size + 1.5, size))
+    image = ax.imshow(rows, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(classes)), classes, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(len(classes)), classes, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("actual")
+    ax.set_title(title, fontsize=9)
+    for i, j in zip(*np.nonzero(matrix)):
+        ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=7,
+                color="white" if rows[i, j] > 0.5 else "black")
+    fig.colorbar(image, ax=ax, fraction=0.046, label="share of the actual class")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def _csv(path: Path, header: list[str], rows: list[list]) -> None:
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(header)
+    writer.writerows(rows)
+    write_atomic_text(path, buf.getvalue())
+
+
+def run(
+    params: Params, *, model_path: str | Path, manifests_dir: str | Path, cache_dir: str | Path,
+    out_dir: str | Path, subset: str = "test",
+) -> dict:
+    from action3d.data import make_eval_loader, read_classes, read_manifest
+    from action3d.models import model_from_checkpoint
+
+    manifests_dir, out_dir, model_path = Path(manifests_dir), Path(out_dir), Path(model_path)
+    classes = read_classes(manifests_dir / "classes.json")
+    manifest = manifests_dir / f"{subset}.csv"
+    rows = read_manifest(manifest)
+    train = params.finetune  # the speed knobs of the model being evaluated
+    device = pick_device(train.device)
+    cfg = params.evaluate
+    speed = dict(channels_last=train.channels_last, autocast_dtype=torch.bfloat16 if train.bf16 else None)
+    model = engine.prepare_model(model_from_checkpoint(model_path), device, channels_last=train.channels_last)
+    def loader(time_shuffle: bool):
+        return make_eval_loader(manifest, cache_dir, clip_frames=params.clip.frames, crop_size=params.clip.crop_size,
+                                stride=params.clip.stride, batch_size=cfg.batch_size, workers=cfg.workers,
+                                time_shuffle=time_shuffle, seed=params.seed)
+
+    criterion = nn.CrossEntropyLoss()
+    result = engine.evaluate(model, criterion, loader(False), device, **speed)
+    if result["video_probs"].shape[1] != len(classes):
+        raise ValueError(f"{model_path} predicts {result['video_probs'].shape[1]} classes, {manifest} has "
+                         f"{len(classes)}: evaluate the model fine-tuned on this set")
+    metrics = {
+        "video_top1": result["video_top1"], "video_top5": result["video_top5"], "clip_top1": result["top1"],
+        "mean_class_accuracy": result["mean_class_accuracy"], "loss": result["loss"],
+        "videos": result["videos"], "clips": result["clips"], "chance": 1.0 / len(classes),
+    }
+    if cfg.time_shuffle_control:
+        shuffled = engine.evaluate(model, criterion, loader(True), device, **speed)
+        metrics["time_shuffled_video_top1"] = shuffled["video_top1"]
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / "metrics.json", metrics)
+    matrix = result["confusion_matrix"]
+    _csv(out_dir / "per_class.csv", ["class", "accuracy", "videos"],
+         [[name, f"{acc:.4f}", int(matrix[i].sum())] for i, (name, acc) in
+          enumerate(zip(classes, result["per_class_accuracy"]))])
+    predicted = result["video_probs"].argmax(axis=1)
+    _csv(out_dir / "predictions.csv", ["video", "actual", "predicted"],
+         [[rows[int(v)]["path"], classes[int(a)], classes[int(p)]]
+          for v, a, p in zip(result["video_index"], result["video_labels"], predicted)])
+    plot_confusion(matrix, classes, out_dir / "confusion.png",
+                   f"{model_path.parent.name}: video top-1 {metrics['video_top1']:.1%} on {result['videos']} videos")
+    _track(params, out_dir, metrics, model_path, manifest)
+    return metrics
+
+
+def _track(params: Params, out_dir: Path, metrics: dict, model_path: Path, manifest: Path) -> None:
+    from action3d.tracking import start_stage_run
+
+    run_file = model_path.parent / "run.json"
+    train_run = json.loads(run_file.read_text())["run_id"] if run_file.is_file() else None
+    with start_stage_run(
+        "evaluate", experiment=params.tracking.experiment, tracking_uri=tracking_uri(),
+        params={"evaluate": params.evaluate.model_dump(), "clip": params.clip.model_dump()},
+        params_hash=params.digest(), parent_run_id=train_run, tags={"model": str(model_path)},
+    ) as run:  # fmt: skip
+        run.log_manifest(manifest, context="test")
+        run.log_metrics(metrics)
+        for name in ("metrics.json", "per_class.csv", "predictions.csv", "confusion.png"):
+            run.log_artifact(out_dir / name)

@@ -1,0 +1,39 @@
+"""Stage register: the fine-tuned model becomes a version of the registered model `registry.model_name`.
+
+The alias `champion` moves to it only when it beats the champion on the same test split (same data digest);
+otherwise it is the `challenger`. Registering the same run twice creates nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from action3d.config import Params
+from action3d.stages.common import read_json, tracking_uri, write_json
+
+
+def run(params: Params, *, train_dir: str | Path, metrics_path: str | Path, test_manifest: str | Path,
+        out_path: str | Path) -> dict:
+    from action3d.storage import file_md5
+    from action3d.tracking import register_model
+
+    train_run = read_json(Path(train_dir) / "run.json", "finetune")
+    metrics = read_json(metrics_path, "evaluate")
+    scores = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+    if params.registry.metric not in scores:
+        from action3d.errors import Action3dError
+
+        raise Action3dError(f"registry.metric '{params.registry.metric}' is not in {metrics_path}; "
+                            f"choose one of {', '.join(sorted(scores))}")
+    registration = register_model(
+        train_run["run_id"], params.registry.model_name, metrics=scores, data_digest=file_md5(test_manifest),
+        metric_key=params.registry.metric, tracking_uri=tracking_uri(),
+    )  # fmt: skip
+    record = {**dataclasses.asdict(registration), "run_id": train_run["run_id"], "model_uri":
+              f"models:/{registration.name}/{registration.version}", "tracking_uri": tracking_uri(),
+              params.registry.metric: scores[params.registry.metric]}
+    write_json(out_path, record)
+    print(f"registered {registration.name} version {registration.version} "
+          f"({registration.alias or 'no alias'}): {registration.reason}")
+    return record

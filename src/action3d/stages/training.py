@@ -1,0 +1,182 @@
+"""What pretrain and finetune share: loaders, optimiser, resumable fit, MLflow logging, the stage's outputs.
+
+A training stage writes into its `out_dir`:
+    model.pt            the best checkpoint (by validation video accuracy), rebuildable by name + kwargs
+    history.csv         one row per epoch (DVC plots it)
+    run.json            the MLflow run id and the logged model's URI, for the stages after it
+    checkpoints/<key>/  last.pt and best.pt of the run in progress; `key` hashes the knobs and inputs, so a
+                        re-run with the same ones resumes where a crash stopped it and any change starts afresh
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from action3d import engine
+from action3d.config import Params, Train
+from action3d.data import make_eval_loader, make_train_loader, read_manifest
+from action3d.data.video import write_atomic_text
+from action3d.distributed import init_distributed
+from action3d.stages.common import digest, pick_device, project_root, tracking_uri, write_json
+from action3d.storage import file_md5
+
+
+def _has_rows(manifest: Path) -> bool:
+    return manifest.is_file() and any(row["label"] not in ("", "-1") for row in read_manifest(manifest))
+
+
+def write_history(path: Path, history: list[dict[str, float]]) -> None:
+    keys = list(dict.fromkeys(k for row in history for k in row))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(history)
+    write_atomic_text(path, buf.getvalue())
+
+
+def train_stage(
+    params: Params,
+    *,
+    stage: str,
+    model: nn.Module,
+    trainable: list[nn.Parameter] | None,
+    train_cfg: Train,
+    optimizer_cfg: Train,
+    manifests_dir: str | Path,
+    cache_dir: str | Path,
+    out_dir: str | Path,
+    inputs: dict[str, str | Path] | None = None,
+    parent_run_id: str | None = None,
+    tags: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Train `model` (built by the caller: fresh, pretrained, frozen in part) on `manifests_dir/train.csv`.
+
+    `train_cfg` gives epochs, batch, schedule and speed knobs; `optimizer_cfg` the SGD knobs (lr, momentum,
+    dampening, weight decay, Nesterov): the same section, except for the from-scratch baseline. `inputs` are
+    files whose content the run depends on (a pretrained checkpoint): part of the resume key and the lineage.
+    Returns the stage's metrics: best validation video accuracy, its epoch, the epochs run.
+    """
+    info = init_distributed()
+    device = pick_device(train_cfg.device)
+    generator_seed = params.seed + info.rank  # each rank draws its own clips and crops
+    engine.seed_everything(generator_seed)
+    manifests_dir, cache_dir, out_dir = Path(manifests_dir), Path(cache_dir), Path(out_dir)
+    train_csv, val_csv = manifests_dir / "train.csv", manifests_dir / "val.csv"
+
+    loader_args = dict(clip_frames=params.clip.frames, crop_size=params.clip.crop_size, stride=params.clip.stride,
+                       workers=train_cfg.workers)
+    train_loader = make_train_loader(train_csv, cache_dir, batch_size=train_cfg.batch_size, seed=generator_seed,
+                                     scales=params.augment.scales, hflip=params.augment.hflip, **loader_args)
+    val_loader = None
+    if _has_rows(val_csv):
+        val_loader = make_eval_loader(val_csv, cache_dir, batch_size=train_cfg.batch_size, **loader_args)
+
+    arch, model_kwargs = model.arch, dict(model.model_kwargs)
+    model = engine.prepare_model(model, device, channels_last=train_cfg.channels_last, compile=train_cfg.compile)
+    optimizer = engine.build_optimizer(
+        trainable if trainable is not None else model.parameters(), lr=optimizer_cfg.lr,
+        momentum=optimizer_cfg.momentum, dampening=optimizer_cfg.dampening,
+        weight_decay=optimizer_cfg.weight_decay, nesterov=optimizer_cfg.nesterov,
+    )  # fmt: skip
+    scheduler = engine.build_scheduler(
+        optimizer, name=train_cfg.scheduler, epochs=train_cfg.epochs, patience=train_cfg.plateau_patience,
+        milestones=train_cfg.milestones, warmup_epochs=train_cfg.warmup_epochs,
+    )  # fmt: skip
+
+    # Resume only what the same knobs on the same inputs started; anything else starts afresh.
+    input_md5 = {name: file_md5(path) for name, path in {"train": train_csv, **(inputs or {})}.items()}
+    key = digest(stage, params.seed, arch, model_kwargs, params.clip.model_dump(), params.augment.model_dump(),
+                 train_cfg.model_dump(exclude={"workers", "device"}), optimizer_cfg.model_dump(), input_md5,
+                 info.world_size)
+    checkpoint_dir = out_dir / "checkpoints" / key
+    if info.is_main:
+        for stale in (out_dir / "checkpoints").glob("*"):
+            if stale.name != key:
+                shutil.rmtree(stale, ignore_errors=True)
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+
+    run_id_file = checkpoint_dir / "mlflow_run_id"
+    tracked = _tracked_run(
+        params, stage=stage, run_id_file=run_id_file, parent_run_id=parent_run_id, tags=tags,
+        digests={"train": input_md5["train"], **({"val": file_md5(val_csv)} if val_loader else {})},
+    ) if info.is_main else contextlib.nullcontext()  # fmt: skip
+
+    with tracked as run:
+        if run is not None:
+            run_id_file.write_text(run.run_id)
+            run.log_manifest(train_csv, context="train", digest=input_md5["train"])
+            if val_loader is not None:
+                run.log_manifest(val_csv, context="val")
+        mirror = _checkpoint_mirror(params, stage, checkpoint_dir)
+
+        def on_epoch_end(epoch: int, metrics: dict[str, float]) -> None:
+            shown = ", ".join(f"{k} {metrics[k]:.4g}" for k in ("train_loss", "train_top1", "val_loss",
+                                                                 "val_video_top1", "lr") if k in metrics)
+            print(f"[{stage}] epoch {epoch}/{train_cfg.epochs}: {shown}", flush=True)
+            if run is not None:
+                run.log_epoch(metrics, step=epoch)
+            mirror()
+
+        monitor = "val_video_top1" if val_loader is not None else "train_top1"
+        result = engine.fit(
+            model, train_loader, val_loader, epochs=train_cfg.epochs, optimizer=optimizer, scheduler=scheduler,
+            checkpoint_dir=checkpoint_dir, arch=arch, model_kwargs=model_kwargs, device=device,
+            autocast_dtype=torch.bfloat16 if train_cfg.bf16 else None, channels_last=train_cfg.channels_last,
+            grad_clip=train_cfg.grad_clip, monitor=monitor, on_epoch_end=on_epoch_end,
+        )  # fmt: skip
+        metrics = {"best_epoch": result["best_epoch"], f"best_{monitor}": result["best_metric"],
+                   "epochs": len(result["history"]), "epochs_resumed": result["epochs_resumed"]}
+        if run is None:
+            return metrics
+
+        best = result["best_checkpoint"] or result["last_checkpoint"]
+        engine.save_checkpoint(engine.load_checkpoint(best), out_dir / "model.pt")  # atomic copy, DVC's output
+        write_history(out_dir / "history.csv", result["history"])
+        run.log_metrics(metrics)
+        run.log_artifact(out_dir / "model.pt", "checkpoint")
+        run.log_artifact(manifests_dir / "classes.json")
+        from action3d.models import model_from_checkpoint
+
+        example = torch.zeros(2, 3, params.clip.frames, params.clip.crop_size, params.clip.crop_size)
+        model_uri = run.log_model(model_from_checkpoint(out_dir / "model.pt"), example,
+                                  metadata={"arch": arch, "model_kwargs": model_kwargs})
+        write_json(out_dir / "run.json", {"run_id": run.run_id, "model_uri": model_uri, "tracking_uri": run.tracking_uri,
+                                          "experiment": params.tracking.experiment, **metrics})
+        return metrics
+
+
+def _tracked_run(params: Params, *, stage: str, run_id_file: Path, parent_run_id, tags, digests):
+    from action3d.tracking import start_stage_run
+
+    resumed = run_id_file.read_text().strip() if run_id_file.is_file() else None
+    return start_stage_run(
+        stage, experiment=params.tracking.experiment, tracking_uri=tracking_uri(), params=params.flat(),
+        params_hash=params.digest(), parent_run_id=parent_run_id, data_digests=digests, tags=tags,
+        repo_dir=project_root(), run_id=resumed,
+    )  # fmt: skip
+
+
+def _checkpoint_mirror(params: Params, stage: str, checkpoint_dir: Path):
+    """A callable that copies last.pt/best.pt to `storage.checkpoints` when set (else does nothing)."""
+    prefix = params.storage.checkpoints
+    if not prefix:
+        return lambda: None
+    from action3d.storage import S3Config, mirror_checkpoint
+
+    config = S3Config.from_env(endpoint_url=params.storage.endpoint_url, region=params.storage.region)
+    target = f"{prefix.rstrip('/')}/{stage}/{checkpoint_dir.name}/"
+
+    def mirror() -> None:
+        for name in ("last.pt", "best.pt"):
+            if (checkpoint_dir / name).is_file():
+                mirror_checkpoint(checkpoint_dir / name, target, config=config)
+
+    return mirror

@@ -1,0 +1,35 @@
+"""The `action3d` command's handling of bad input: one clear message, exit status 2, no traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+
+def _action3d(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "action3d.cli", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=120)
+
+
+def test_an_unknown_params_key_names_it_and_suggests_the_right_one(tmp_path):
+    done = _action3d("stage", "synth", "--out", str(tmp_path / "raw"), "-S", "synth.sedd=3")
+    assert done.returncode == 2
+    assert "unknown key 'synth.sedd'" in done.stderr and "synth.seed" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "raw").exists()
+
+
+def test_a_missing_manifest_folder_points_at_the_split_stage(tmp_path):
+    done = _action3d("stage", "register", "--train", str(tmp_path / "runs/finetune"), "--metrics", "m.json",
+                     "--test-manifest", "t.csv", "--out", str(tmp_path / "r.json"))
+    assert done.returncode == 2
+    assert "run.json not found" in done.stderr and "dvc repro finetune" in done.stderr
+
+
+def test_models_lists_every_registered_network():
+    from action3d.models import list_models
+
+    done = _action3d("models", "resnet1")
+    assert done.returncode == 0
+    names = [line.split()[0] for line in done.stdout.splitlines()[2:]]
+    assert names == [n for n in list_models() if "resnet1" in n]
