@@ -357,6 +357,9 @@ def register_model(
         raise ValueError(f"registered model name and run id may not contain quotes: {name!r}, {run_id!r}")
     if metric_key not in metrics:
         raise KeyError(f"metric_key '{metric_key}' is not among the metrics {sorted(metrics)}")
+    # The sqlite registry resolves a version's `models:/<id>` source through the *global* tracking URI, which
+    # defaults to ./mlflow.db: in another working directory (a `dvc exp` queue copy) it would look in the wrong store.
+    mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri)
 
     existing = client.search_model_versions(f"name = '{name}' AND run_id = '{run_id}'")

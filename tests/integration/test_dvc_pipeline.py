@@ -1,0 +1,110 @@
+"""`dvc repro` and `dvc exp` on the real dvc.yaml, in a fresh git repository, with the tiny demo params."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.pipeline.conftest import ROOT, write_tiny_params
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+BIN = Path(os.sys.executable).parent
+
+
+def _run(cwd: Path, *cmd: str, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and done.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return done
+
+
+def _ran(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+def _set_param(repo: Path, dotted: str, value) -> None:
+    raw = yaml.safe_load((repo / "params.yaml").read_text())
+    *parents, leaf = dotted.split(".")
+    node = raw
+    for part in parents:
+        node = node[part]
+    node[leaf] = value
+    (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    repo = tmp_path_factory.mktemp("repo")
+    shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
+    write_tiny_params(repo)
+    _run(repo, "git", "init", "-q")
+    _run(repo, "git", "config", "user.email", "ci@example.com")
+    _run(repo, "git", "config", "user.name", "ci")
+    _run(repo, "dvc", "init", "-q")
+    _run(repo, "dvc", "config", "core.analytics", "false")
+    shutil.copy(ROOT / ".gitignore", repo / ".gitignore")
+    _run(repo, "git", "add", "-A")
+    _run(repo, "git", "commit", "-qm", "tiny pipeline")
+    return repo
+
+
+def test_repro_runs_every_stage_then_nothing(repo):
+    first = _run(repo, "dvc", "repro")
+    assert _ran(first.stdout) == {"synth", "split@pretrain", "split@finetune", "cache@pretrain", "cache@finetune",
+                                  "pretrain", "finetune", "scratch", "evaluate@finetune", "evaluate@scratch",
+                                  "register"}
+    metrics = json.loads((repo / "runs/evaluate/finetune/metrics.json").read_text())
+    assert 0 <= metrics["video_top1"] <= 1 and "time_shuffled_video_top1" in metrics
+    assert json.loads((repo / "runs/register/registration.json").read_text())["alias"] == "champion"
+
+    again = _run(repo, "dvc", "repro")
+    assert _ran(again.stdout) == set() and "up to date" in again.stdout
+
+    shown = json.loads(_run(repo, "dvc", "metrics", "show", "--json").stdout)
+    assert "video_top1" in json.dumps(shown)
+    report = _run(repo, "action3d", "report").stdout
+    assert "registered model" in report and "mlflow ui --backend-store-uri sqlite:///" in report
+    _run(repo, "git", "add", "-A")
+    _run(repo, "git", "commit", "-qm", "baseline run")
+
+
+def test_changing_finetune_lr_reruns_only_finetune_and_what_follows(repo):
+    done = _run(repo, "dvc", "exp", "run", "-S", "finetune.lr=0.01")
+    assert _ran(done.stdout) == {"finetune", "evaluate@finetune", "register"}
+    table = json.loads(_run(repo, "dvc", "exp", "show", "--json").stdout)
+    assert "0.01" in json.dumps(table) and "video_top1" in json.dumps(table)
+
+
+def test_a_failed_stage_is_where_the_next_repro_starts(repo):
+    _run(repo, "git", "checkout", "-q", "--", "params.yaml")
+    _run(repo, "dvc", "checkout", "-q", check=False)
+    _set_param(repo, "finetune.init", "checkpoint")  # with finetune.checkpoint null: a clear error
+    failed = _run(repo, "dvc", "repro", check=False)
+    assert failed.returncode != 0
+    assert "finetune.checkpoint" in failed.stdout + failed.stderr
+    _set_param(repo, "finetune.init", "pretrain")
+    _set_param(repo, "finetune.epochs", 1)
+    resumed = _run(repo, "dvc", "repro")
+    assert "pretrain" not in _ran(resumed.stdout) and "finetune" in _ran(resumed.stdout)
+
+
+def test_queued_experiments_run_and_are_listed(repo):
+    _run(repo, "git", "checkout", "-q", "--", "params.yaml")
+    _run(repo, "dvc", "checkout", "-q", check=False)
+    _run(repo, "dvc", "exp", "run", "--queue", "-S", "finetune.weight_decay=0.001", "-n", "wd-1e-3")
+    _run(repo, "dvc", "queue", "start", "-j", "1")
+    _run(repo, "dvc", "queue", "logs", "wd-1e-3", "-f", check=False, timeout=900)  # follows until it ends
+    status = _run(repo, "dvc", "queue", "status").stdout
+    assert re.search(r"wd-1e-3.*Success", status), status
+    table = _run(repo, "dvc", "exp", "show", "--json").stdout
+    assert "wd-1e-3" in table and "video_top1" in table
