@@ -33,15 +33,15 @@ class Section(BaseModel):
 
 class SynthPretrain(Section):
     classes: int = 24
-    train_per_class: int = 30
-    val_per_class: int = 4
-    test_per_class: int = 4
+    train_per_class: int = 16
+    val_per_class: int = 3
+    test_per_class: int = 3
 
 
 class SynthFinetune(Section):
     classes: int = 7
-    groups: int = 7
-    clips_per_group: int = 3
+    groups: int = 25
+    clips_per_group: int = 1
 
 
 class Synth(Section):
@@ -50,7 +50,7 @@ class Synth(Section):
     width: int = 320
     height: int = 240
     fps: int = 25
-    seconds: float = 2.4
+    seconds: float = 1.6
     gop: int = 250
     crf: int = 18
     pretrain: SynthPretrain = SynthPretrain()

@@ -130,3 +130,19 @@ def test_clockwise_and_counterclockwise_wheels_mirror_each_other():
     phi = np.unwrap(np.arctan2(cw.y - hub[1], cw.x - hub[0]))
     assert phi[-1] - phi[0] > 0
     assert math.isclose(float(np.diff(cw.angle).mean()), -float(np.diff(ccw.angle).mean()), rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("sense", ["clockwise", "counterclockwise"])
+def test_pretraining_rings_turn_their_way_and_show_it_without_order(sense):
+    # the pretraining counterpart of the wheel: its sprites differ, so the sense shows in any two frames
+    for suffix in ("", " in bursts", " with backsteps", " speeding up"):
+        tracks = PRETRAIN_CLASSES[f"orbit {sense}{suffix}"](np.random.default_rng(5), Stage(320, 240, 60))
+        assert 2 <= len(tracks) <= 3 and {t.sprite for t in tracks} == {0, 1}
+        hub = np.mean([t.x for t in tracks], axis=0), np.mean([t.y for t in tracks], axis=0)
+        phi = np.unwrap(np.arctan2(tracks[0].y - hub[1], tracks[0].x - hub[0]))
+        assert (phi[-1] - phi[0] > 0) == (sense == "clockwise"), suffix
+
+
+def test_fine_tuning_names_are_not_pretraining_names():
+    squash = lambda n: n.replace(" ", "").lower()  # noqa: E731
+    assert not {squash(n) for n in FINETUNE_CLASSES} & {squash(n) for n in PRETRAIN_CLASSES}
