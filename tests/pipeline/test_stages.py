@@ -77,6 +77,8 @@ def test_scratch_baseline_trains_every_layer_with_the_from_scratch_optimiser(wor
     params = load_params(ROOT / "params.yaml", [*TINY, "finetune.init=scratch"])
     model, trainable = build_model(params, 5, pretrained=None)
     assert len(trainable) == len(list(model.parameters()))
+    again, _ = build_model(params, 5, pretrained=None)  # seeded: a re-run starts from the same weights
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
     result = finetune.run(params, out_dir=workdir / "runs/scratch", **_finetune_data(workdir))
     assert result["epochs"] == 2
     run = json.loads((workdir / "runs/scratch/run.json").read_text())

@@ -17,9 +17,11 @@ from action3d.errors import Action3dError
 
 
 def build_model(params: Params, n_classes: int, pretrained: str | Path | None):
-    """The model to fine-tune and its trainable parameters, by `finetune.init`."""
+    """The model to fine-tune and its trainable parameters, by `finetune.init`. Seeded: same params, same model."""
+    from action3d.engine import seed_everything
     from action3d.models import create_model, freeze_before, load_pretrained, model_from_checkpoint
 
+    seed_everything(params.seed)  # random weights (scratch) and the new head are part of the run
     ft = params.finetune
     if ft.init == "scratch":
         model = create_model(params.model.name, n_classes=n_classes, **params.model.kwargs)
