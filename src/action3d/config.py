@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from action3d.errors import Action3dError
 
@@ -114,6 +114,13 @@ class Train(Section):
     compile: bool = False
     workers: int = 2
     device: str = "auto"  # auto = cuda when available (cuda:LOCAL_RANK under torchrun), else cpu
+
+    @model_validator(mode="after")
+    def _warmup_fits(self):
+        if self.scheduler == "cosine" and self.epochs <= self.warmup_epochs:
+            raise ValueError(f"the cosine schedule needs epochs ({self.epochs}) > warmup_epochs "
+                             f"({self.warmup_epochs}): raise epochs or lower warmup_epochs")
+        return self
 
 
 class Finetune(Train):
@@ -241,5 +248,7 @@ def _explain(err: ValidationError, source: str) -> str:
         if problem["type"] == "extra_forbidden":
             lines.append(_unknown_key_message(dotted, source))
         else:
-            lines.append(f"{source}: '{dotted}': {problem['msg']} (got {problem.get('input')!r})")
+            given = problem.get("input")
+            got = "" if isinstance(given, dict) else f" (got {given!r})"  # a whole section says nothing more
+            lines.append(f"{source}: '{dotted}': {problem['msg']}{got}")
     return "\n".join(lines)

@@ -93,7 +93,7 @@ def test_a_failed_stage_is_where_the_next_repro_starts(repo):
     assert failed.returncode != 0
     assert "finetune.checkpoint" in failed.stdout + failed.stderr
     _set_param(repo, "finetune.init", "pretrain")
-    _set_param(repo, "finetune.epochs", 1)
+    _set_param(repo, "finetune.epochs", 3)  # a change of its own, so that finetune must run again
     resumed = _run(repo, "dvc", "repro")
     assert "pretrain" not in _ran(resumed.stdout) and "finetune" in _ran(resumed.stdout)
 

@@ -17,7 +17,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 def test_the_flow_runs_every_stage_and_registers_the_model(tmp_path):
     (tmp_path / ".dvc").mkdir()
     write_tiny_params(tmp_path)
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "MLFLOW_DISABLE_TELEMETRY": "true"}
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "MLFLOW_DISABLE_TELEMETRY": "true",
+           # the ephemeral server gets 20 s to start by default: too little on a busy 2-core CI machine
+           "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180"}
     env.pop("MLFLOW_TRACKING_URI", None)
     env.pop("PREFECT_API_URL", None)
     done = subprocess.run([sys.executable, str(ROOT / "flows/pipeline.py"), "--params", "params.yaml"], cwd=tmp_path,

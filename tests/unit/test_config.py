@@ -50,3 +50,8 @@ def test_params_are_frozen_and_flatten_to_dotted_keys(tmp_path):
     assert flat["finetune.ft_begin_module"] == "layer4"
     assert "synth.pretrain.classes" in flat
     assert params.digest() != load_params(tmp_path / "absent.yaml", ["seed=1"]).digest()
+
+
+def test_a_cosine_schedule_shorter_than_its_warmup_is_refused_naming_both_knobs():
+    with pytest.raises(ParamsError, match=r"finetune.*epochs \(1\) > warmup_epochs \(1\)"):
+        load_params("params.yaml", ["finetune.epochs=1", "finetune.scheduler=cosine", "finetune.warmup_epochs=1"])
