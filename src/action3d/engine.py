@@ -10,13 +10,9 @@ evaluation gathers per-video score sums from every rank before averaging, and on
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-import os
 import random
-import shutil
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -29,6 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from action3d import distributed as dist
+from action3d.atomic import atomic_write, copy_atomic
 from action3d.errors import Action3dError
 
 log = logging.getLogger(__name__)
@@ -442,43 +439,21 @@ def scalar_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, fl
 # --- checkpoints -----------------------------------------------------------------------------------------------
 
 
-def _fsync_dir(folder: Path) -> None:
-    with contextlib.suppress(OSError):  # not every filesystem lets a directory be opened
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _atomic_write(path: Path, write: Callable[[Any], None]) -> Path:
-    """Write through `write(file)` into a temp file beside `path`, then rename over it: all or nothing."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
-        os.replace(tmp, path)
-    except BaseException as err:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        if isinstance(err, Exception):
-            raise CheckpointError(
-                f"could not write {path}: {err}. The previous {path.name}, if any, is untouched; "
-                "free disk space (or fix the cause) and run again to resume from it."
-            ) from err
-        raise
-    _fsync_dir(path.parent)
-    return path
-
-
 def save_checkpoint(state: Mapping[str, Any], path: str | Path) -> Path:
-    """Write a checkpoint dict atomically (temp file in the same folder, then os.replace)."""
-    return _atomic_write(Path(path), lambda f: torch.save(dict(state), f))
+    """Write a checkpoint dict atomically; a failure names the file and leaves the previous one untouched."""
+    return _guarded(path, lambda: atomic_write(path, lambda f: torch.save(dict(state), f)))
+
+
+def _guarded(path: str | Path, write: Callable[[], Path]) -> Path:
+    path = Path(path)
+    try:
+        return write()
+    except Exception as err:
+        raise CheckpointError(
+            f"could not write {path}: {err}. The previous {path.name}, if any, is untouched; "
+            "free disk space (or fix the cause) and run again to resume from it."
+        ) from err
+
 
 
 def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -597,9 +572,9 @@ def restore_checkpoint(
     return int(state["epoch"])
 
 
-def _atomic_copy(src: Path, dst: Path) -> Path:
-    with open(src, "rb") as source:
-        return _atomic_write(dst, lambda f: shutil.copyfileobj(source, f))
+def copy_checkpoint(src: str | Path, dst: str | Path) -> Path:
+    """Copy a checkpoint file atomically (e.g. last.pt -> best.pt), with save_checkpoint's error."""
+    return _guarded(dst, lambda: copy_atomic(src, dst))
 
 
 # --- the loop --------------------------------------------------------------------------------------------------
@@ -717,7 +692,7 @@ def fit(
             )  # fmt: skip
             save_checkpoint(state, last_path)
             if improved:
-                _atomic_copy(last_path, best_path)
+                copy_checkpoint(last_path, best_path)
             if on_epoch_end is not None:
                 on_epoch_end(epoch, dict(metrics))
         dist.barrier()  # nobody races ahead of a checkpoint that a crash would resume from

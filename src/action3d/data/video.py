@@ -13,6 +13,7 @@ from typing import Iterable
 
 import numpy as np
 
+from action3d.atomic import write_atomic_bytes, write_atomic_text  # noqa: F401  (re-exported)
 from action3d.errors import Action3dError
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".3gp", ".ogv")
@@ -29,22 +30,6 @@ def atomic_path(path: Path) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
     os.close(fd)
     return Path(tmp)
-
-
-def write_atomic_bytes(path: str | Path, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file in the same folder and os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = atomic_path(path)
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_atomic_text(path: str | Path, text: str) -> None:
-    write_atomic_bytes(path, text.encode())
 
 
 def write_video(

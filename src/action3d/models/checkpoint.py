@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from action3d.atomic import atomic_write
 from action3d.errors import Action3dError
 
 from .registry import create_model, is_model
@@ -206,24 +206,8 @@ def checkpoint_state(model: nn.Module, **fields) -> dict:
 
 
 def save_checkpoint(checkpoint: Mapping, path: str | os.PathLike) -> Path:
-    """Write `checkpoint` to `path` atomically: a temporary file in the same folder, then os.replace.
-
-    A crash leaves either the previous file or the new one, never half of one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Not tempfile.mkstemp: its 0600 mode would make every checkpoint private to its writer.
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            torch.save(dict(checkpoint), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    """Write `checkpoint` to `path` atomically: a crash leaves the previous file or the new one, never half."""
+    return atomic_write(path, lambda f: torch.save(dict(checkpoint), f))
 
 
 def model_from_checkpoint(

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import os
 from pathlib import Path
 from typing import Any
 
-from action3d.data.video import write_atomic_text
+from action3d.atomic import write_atomic_text
 
 # `dvc exp run --queue` runs each experiment in a copy of the repo under .dvc/tmp/exps/; its MLflow runs belong in
 # the project's own store, not in a copy that is deleted afterwards.
@@ -50,6 +52,21 @@ def write_json(path: str | Path, data: Any) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
     return path
+
+
+def write_csv(path: str | Path, header: list[str], rows: list[list]) -> Path:
+    """Write a CSV atomically."""
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(header)
+    writer.writerows(rows)
+    return write_atomic_text(path, buf.getvalue())
+
+
+def training_run_id(model_path: str | Path) -> str | None:
+    """The MLflow run that trained `model_path`: from the run.json a training stage writes beside its model.pt."""
+    run_file = Path(model_path).parent / "run.json"
+    return json.loads(run_file.read_text())["run_id"] if run_file.is_file() else None
 
 
 def read_json(path: str | Path, what: str) -> Any:

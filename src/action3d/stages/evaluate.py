@@ -10,9 +10,6 @@ confusion plot), confusion.png; and the same to an MLflow run, a child of the tr
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +18,7 @@ from torch import nn
 
 from action3d import engine
 from action3d.config import Params
-from action3d.data.video import write_atomic_text
-from action3d.stages.common import pick_device, tracking_uri, write_json
+from action3d.stages.common import pick_device, tracking_uri, training_run_id, write_csv, write_json
 
 
 def plot_confusion(matrix: np.ndarray, classes: list[str], path: Path, title: str) -> None:
@@ -49,14 +45,6 @@ def plot_confusion(matrix: np.ndarray, classes: list[str], path: Path, title: st
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
     tmp.replace(path)
-
-
-def _csv(path: Path, header: list[str], rows: list[list]) -> None:
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(header)
-    writer.writerows(rows)
-    write_atomic_text(path, buf.getvalue())
 
 
 def run(
@@ -97,11 +85,11 @@ def run(
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "metrics.json", metrics)
     matrix = result["confusion_matrix"]
-    _csv(out_dir / "per_class.csv", ["class", "accuracy", "videos"],
+    write_csv(out_dir / "per_class.csv", ["class", "accuracy", "videos"],
          [[name, f"{acc:.4f}", int(matrix[i].sum())] for i, (name, acc) in
           enumerate(zip(classes, result["per_class_accuracy"]))])
     predicted = result["video_probs"].argmax(axis=1)
-    _csv(out_dir / "predictions.csv", ["video", "actual", "predicted"],
+    write_csv(out_dir / "predictions.csv", ["video", "actual", "predicted"],
          [[rows[int(v)]["path"], classes[int(a)], classes[int(p)]]
           for v, a, p in zip(result["video_index"], result["video_labels"], predicted)])
     plot_confusion(matrix, classes, out_dir / "confusion.png",
@@ -113,12 +101,10 @@ def run(
 def _track(params: Params, out_dir: Path, metrics: dict, model_path: Path, manifest: Path) -> None:
     from action3d.tracking import start_stage_run
 
-    run_file = model_path.parent / "run.json"
-    train_run = json.loads(run_file.read_text())["run_id"] if run_file.is_file() else None
     with start_stage_run(
         "evaluate", experiment=params.tracking.experiment, tracking_uri=tracking_uri(),
         params={"evaluate": params.evaluate.model_dump(), "clip": params.clip.model_dump()},
-        params_hash=params.digest(), parent_run_id=train_run, tags={"model": str(model_path)},
+        params_hash=params.digest(), parent_run_id=training_run_id(model_path), tags={"model": str(model_path)},
     ) as run:  # fmt: skip
         run.log_manifest(manifest, context="test")
         run.log_metrics(metrics)

@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from action3d.config import Params
@@ -46,6 +45,7 @@ def run(
     pretrained: str | Path | None = None,
 ) -> dict:
     from action3d.data import read_classes
+    from action3d.stages.common import training_run_id
     from action3d.stages.training import train_stage
 
     classes = read_classes(Path(manifests_dir) / "classes.json")
@@ -54,8 +54,7 @@ def run(
     inputs, parent = {}, None
     if ft.init == "pretrain":
         inputs["pretrained"] = Path(pretrained)
-        run_file = Path(pretrained).parent / "run.json"
-        parent = json.loads(run_file.read_text())["run_id"] if run_file.is_file() else None
+        parent = training_run_id(pretrained)
     elif ft.init == "checkpoint":
         inputs["pretrained"] = Path(ft.checkpoint)
     return train_stage(

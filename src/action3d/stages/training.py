@@ -11,8 +11,6 @@ A training stage writes into its `out_dir`:
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
 import shutil
 from pathlib import Path
 from typing import Any
@@ -23,9 +21,8 @@ from torch import nn
 from action3d import engine
 from action3d.config import Params, Train
 from action3d.data import make_eval_loader, make_train_loader, read_manifest
-from action3d.data.video import write_atomic_text
 from action3d.distributed import init_distributed
-from action3d.stages.common import digest, pick_device, project_root, tracking_uri, write_json
+from action3d.stages.common import digest, pick_device, project_root, tracking_uri, write_csv, write_json
 from action3d.storage import file_md5
 
 
@@ -35,11 +32,7 @@ def _has_rows(manifest: Path) -> bool:
 
 def write_history(path: Path, history: list[dict[str, float]]) -> None:
     keys = list(dict.fromkeys(k for row in history for k in row))
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=keys)
-    writer.writeheader()
-    writer.writerows(history)
-    write_atomic_text(path, buf.getvalue())
+    write_csv(path, keys, [[row.get(k, "") for k in keys] for row in history])
 
 
 def train_stage(
@@ -138,7 +131,7 @@ def train_stage(
             return metrics
 
         best = result["best_checkpoint"] or result["last_checkpoint"]
-        engine.save_checkpoint(engine.load_checkpoint(best), out_dir / "model.pt")  # atomic copy, DVC's output
+        engine.copy_checkpoint(best, out_dir / "model.pt")  # DVC's output
         write_history(out_dir / "history.csv", result["history"])
         run.log_metrics(metrics)
         run.log_artifact(out_dir / "model.pt", "checkpoint")
