@@ -1,11 +1,13 @@
 """Video loading throughput: stock pytorchvideo vs the reference's JPEG frames vs our frame-pack cache.
 
-Three ways to get the same clips (same videos, same 16-frame windows) as the same float tensors
+Four ways to get the same clips (same videos, same 16-frame windows) as the same float tensors
 [3, 16, crop, crop], side by side in one run:
 
   (a) stock pytorchvideo: LabeledVideoDataset + PyAV decoder on the raw 320x240 H.264 videos (sparse keyframes);
   (b) the reference's way: one JPEG per frame at 320x240 (its generate_video_jpgs.py), read with PIL, resized and
       centre-cropped per frame with PIL as its spatial transforms do;
+  (b') the same JPEG folders and reader, but with the frames of our cache: scaled to its short side and encoded at
+      its quality, so that (b') vs (c) compares the formats alone and (b) vs (b') the resolutions;
   (c) ours: frame packs at the training resolution (cache.py) through ClipDataset (loaders.py).
 
 Each is timed in one process pinned to one core (clips/s per worker process) and through a DataLoader with one
@@ -35,7 +37,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from action3d.data.annotations import build_manifests
-from action3d.data.cache import build_cache, cache_path, read_index
+from action3d.data.cache import build_cache, cache_path, decode_scaled, read_index
 from action3d.data.loaders import ClipDataset, load_records
 from action3d.data.synthetic import synth_kinetics
 from action3d.data.transforms import KINETICS_MEAN, KINETICS_STD, EvalPreset
@@ -81,14 +83,15 @@ def stock_dataset(clips, root: Path, records, frames: int, fps: Fraction, crop: 
 # --- (b) JPEG frames + PIL ------------------------------------------------------------------------------------------
 
 
-def extract_jpegs(video: Path, out: Path, quality: int) -> None:
-    """The reference's layout: <out>/image_00001.jpg ... at the video's size."""
+def extract_jpegs(video: Path, out: Path, quality: int, short_side: int | None = None) -> None:
+    """The reference's layout: <out>/image_00001.jpg ... at the video's size, or with the short side at
+    `short_side` (scaled as the cache scales)."""
     from PIL import Image
 
     from action3d.data.video import read_frames
 
     out.mkdir(parents=True, exist_ok=True)
-    frames, _ = read_frames(video)
+    frames = read_frames(video)[0] if short_side is None else decode_scaled(video, short_side).frames
     for i, frame in enumerate(frames, 1):
         Image.fromarray(frame).save(out / f"image_{i:05d}.jpg", quality=quality)
 
@@ -168,6 +171,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--clip-frames", type=int, default=16)
     ap.add_argument("--crop", type=int, default=112)
     ap.add_argument("--short-side", type=int, default=128, help="resolution of our cache")
+    ap.add_argument("--cache-quality", type=int, default=90, help="JPEG quality of our cache")
     ap.add_argument("--jpeg-quality", type=int, default=75, help="of the reference-style frames (PIL default)")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--out", type=Path, default=HERE / "results" / "loading.json")
@@ -182,12 +186,15 @@ def main(argv=None) -> dict:
         synth_kinetics(raw, classes=4, train_per_class=per_class, val_per_class=0, test_per_class=0,
                        seconds=args.seconds, crf=args.crf, seed=123)
     build_manifests("kinetics", raw, work / "splits", val_fraction=0.0, progress=False)
-    build_cache(work / "splits", raw, work / "cache", short_side=args.short_side)
+    build_cache(work / "splits", raw, work / "cache", short_side=args.short_side, quality=args.cache_quality)
     records, _ = load_records(work / "splits" / "train.csv", work / "cache")
     jpeg_dirs = [work / "jpg" / Path(r.path).with_suffix("") for r in records]
-    for rec, folder in zip(records, jpeg_dirs):
+    small_dirs = [work / f"jpg{args.short_side}q{args.cache_quality}" / Path(r.path).with_suffix("") for r in records]
+    for rec, folder, small in zip(records, jpeg_dirs, small_dirs):
         if not (folder / "image_00001.jpg").exists():
             extract_jpegs(raw / rec.path, folder, args.jpeg_quality)
+        if not (small / "image_00001.jpg").exists():
+            extract_jpegs(raw / rec.path, small, args.cache_quality, short_side=args.short_side)
 
     rng = random.Random(0)
     fps = Fraction(records[0].fps).limit_denominator(1001)
@@ -204,18 +211,22 @@ def main(argv=None) -> dict:
     assert len(shapes) == 1, shapes
 
     index = read_index(work / "cache")
+    stock = "stock pytorchvideo + PyAV, raw 320x240"
+    jpeg = f"JPEG frames + PIL (reference: 320x240, q{args.jpeg_quality})"
+    jpeg_small = f"JPEG frames + PIL ({args.short_side} px, q{args.cache_quality})"
+    packs = f"frame packs + our loader ({args.short_side} px, q{args.cache_quality})"
+    labels = [r.label for r in records]
     sizes = {
-        "stock pytorchvideo + PyAV, raw 320x240": folder_bytes([raw / r.path for r in records]),
-        "JPEG frames + PIL (reference)": folder_bytes([p for d in jpeg_dirs for p in d.iterdir()]),
-        f"frame packs + our loader ({args.short_side} px)": folder_bytes(
-            [cache_path(work / "cache", r.path) for r in records]),
+        stock: folder_bytes([raw / r.path for r in records]),
+        jpeg: folder_bytes([p for d in jpeg_dirs for p in d.iterdir()]),
+        jpeg_small: folder_bytes([p for d in small_dirs for p in d.iterdir()]),
+        packs: folder_bytes([cache_path(work / "cache", r.path) for r in records]),
     }
     makers = {
-        "stock pytorchvideo + PyAV, raw 320x240": lambda sub: stock_dataset(
-            sub, raw, records, args.clip_frames, fps, args.crop),
-        "JPEG frames + PIL (reference)": lambda sub: JpegFrames(
-            sub, jpeg_dirs, [r.label for r in records], args.clip_frames, args.crop),
-        f"frame packs + our loader ({args.short_side} px)": lambda sub: _ours(records, args, sub),
+        stock: lambda sub: stock_dataset(sub, raw, records, args.clip_frames, fps, args.crop),
+        jpeg: lambda sub: JpegFrames(sub, jpeg_dirs, labels, args.clip_frames, args.crop),
+        jpeg_small: lambda sub: JpegFrames(sub, small_dirs, labels, args.clip_frames, args.crop),
+        packs: lambda sub: _ours(records, args, sub),
     }
     results = {}
     for name, make in makers.items():
@@ -235,21 +246,24 @@ def main(argv=None) -> dict:
         print(f"{name}: {results[name]['clips_per_s_per_process']:.1f} clips/s per process, "
               f"{results[name]['clips_per_s_machine']:.1f} machine", flush=True)
 
-    names = list(results)
-    base_a, base_b, ours = (results[n] for n in names)
+    ours = results[packs]
     report = {
         "setup": {"videos": len(records), "frames_per_video": records[0].frames, "clip_frames": args.clip_frames,
-                  "raw_crf": args.crf, "raw_kbps": sizes[names[0]][0] / len(records) * 8 / 1e3 / args.seconds,
-                  "crop": args.crop, "cache_short_side": args.short_side, "jpeg_quality": args.jpeg_quality,
+                  "raw_crf": args.crf, "raw_kbps": sizes[stock][0] / len(records) * 8 / 1e3 / args.seconds,
+                  "crop": args.crop, "cache_short_side": args.short_side, "cache_quality": args.cache_quality,
+                  "jpeg_quality": args.jpeg_quality,
                   "workers": args.workers, "repeats": args.repeats, "clips_per_repeat": args.clips,
                   "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                   "torch": torch.__version__, "python": sys.version.split()[0],
                   "cache_index_entries": len(index)},
         "results": results,
-        "ratios": {
-            "ours_vs_stock_per_process": ours["clips_per_s_per_process"] / base_a["clips_per_s_per_process"],
-            "ours_vs_jpeg_per_process": ours["clips_per_s_per_process"] / base_b["clips_per_s_per_process"],
-            "ours_bytes_vs_jpeg": ours["bytes_per_video"] / base_b["bytes_per_video"],
+        "ratios": {  # medians of the same run; "jpeg": the reference's frames, "jpeg_same_size": (b')
+            "ours_vs_stock_per_process": ours["clips_per_s_per_process"] / results[stock]["clips_per_s_per_process"],
+            "ours_vs_jpeg_per_process": ours["clips_per_s_per_process"] / results[jpeg]["clips_per_s_per_process"],
+            "ours_vs_jpeg_same_size_per_process": (ours["clips_per_s_per_process"]
+                                                   / results[jpeg_small]["clips_per_s_per_process"]),
+            "ours_bytes_vs_jpeg": ours["bytes_per_video"] / results[jpeg]["bytes_per_video"],
+            "ours_bytes_vs_jpeg_same_size": ours["bytes_per_video"] / results[jpeg_small]["bytes_per_video"],
         },
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -275,9 +289,11 @@ def markdown_table(report: dict) -> str:
                     f"{r['bytes_per_video'] / 1e3:.0f} KB | {r['files_per_video']:.0f} |")
     ratios = report["ratios"]
     rows.append("")
-    rows.append(f"ours / stock: {ratios['ours_vs_stock_per_process']:.1f}x per process; ours / JPEG frames: "
-                f"{ratios['ours_vs_jpeg_per_process']:.1f}x per process; cache bytes / JPEG bytes: "
-                f"{ratios['ours_bytes_vs_jpeg']:.2f}")
+    rows.append(f"per process, ours / stock: {ratios['ours_vs_stock_per_process']:.1f}x; ours / reference JPEG "
+                f"frames: {ratios['ours_vs_jpeg_per_process']:.1f}x; ours / same-size JPEG frames: "
+                f"{ratios['ours_vs_jpeg_same_size_per_process']:.1f}x. Cache bytes / JPEG bytes: "
+                f"{ratios['ours_bytes_vs_jpeg']:.2f} (reference), {ratios['ours_bytes_vs_jpeg_same_size']:.2f} "
+                "(same size)")
     s = report["setup"]
     rows.append(f"({s['videos']} videos of {s['frames_per_video']} frames at {s['raw_kbps']:.0f} kb/s, "
                 f"{s['clip_frames']}-frame clips, {s['crop']}x{s['crop']} crops, {s['workers']} workers, "

@@ -15,7 +15,7 @@ from pathlib import Path
 from prefect import flow, task
 
 from action3d.config import load_params
-from action3d.stages import cache, evaluate, finetune, pretrain, register, split, synth
+from action3d.stages import cache, evaluate, finetune, pretrain, register, scratch, split, synth
 
 RETRY = dict(retries=2, retry_delay_seconds=30)  # training resumes from runs/<stage>/checkpoints on a retry
 
@@ -36,9 +36,15 @@ def pretrain_task(params, root: Path) -> dict:
 
 
 @task(name="finetune", **RETRY)
-def finetune_task(params, root: Path, out: str, pretrained: Path | None) -> dict:
+def finetune_task(params, root: Path) -> dict:
     return finetune.run(params, manifests_dir=root / "data/splits/finetune", cache_dir=root / "data/cache/finetune",
-                        out_dir=root / f"runs/{out}", pretrained=pretrained)
+                        out_dir=root / "runs/finetune", pretrained=root / "runs/pretrain/model.pt")
+
+
+@task(name="scratch", **RETRY)
+def scratch_task(params, root: Path) -> dict:
+    return scratch.run(params, manifests_dir=root / "data/splits/finetune", cache_dir=root / "data/cache/finetune",
+                       out_dir=root / "runs/scratch")
 
 
 @task(name="evaluate")
@@ -50,7 +56,7 @@ def evaluate_task(params, root: Path, which: str) -> dict:
 @task(name="register")
 def register_task(params, root: Path) -> dict:
     return register.run(params, train_dir=root / "runs/finetune", metrics_path=root / "runs/evaluate/finetune/metrics.json",
-                        test_manifest=root / "data/splits/finetune/test.csv",
+                        test_manifest=root / "data/splits/finetune/test.csv", cache_dir=root / "data/cache/finetune",
                         out_path=root / "runs/register/registration.json")
 
 
@@ -62,11 +68,10 @@ def pipeline(params_path: str = "params.yaml", overrides: list[str] | None = Non
     params = load_params(root_dir / params_path, overrides or [])
     data_task(params, root_dir)
     pretrain_task(params, root_dir)
-    finetune_task(params, root_dir, "finetune", root_dir / "runs/pretrain/model.pt")
+    finetune_task(params, root_dir)
     results = {"finetune": evaluate_task(params, root_dir, "finetune")}
     if baseline:
-        scratch = load_params(root_dir / params_path, [*(overrides or []), "finetune.init=scratch"])
-        finetune_task(scratch, root_dir, "scratch", None)
+        scratch_task(params, root_dir)
         results["scratch"] = evaluate_task(params, root_dir, "scratch")
     results["registration"] = register_task(params, root_dir)
     return results

@@ -68,6 +68,12 @@ def _stage_finetune(args):
                         pretrained=args.pretrained)
 
 
+def _stage_scratch(args):
+    from action3d.stages import scratch
+
+    return scratch.run(_params(args), manifests_dir=args.manifests, cache_dir=args.cache, out_dir=args.out)
+
+
 def _stage_evaluate(args):
     from action3d.stages import evaluate
 
@@ -79,7 +85,7 @@ def _stage_register(args):
     from action3d.stages import register
 
     return register.run(_params(args), train_dir=args.train, metrics_path=args.metrics,
-                        test_manifest=args.test_manifest, out_path=args.out)
+                        test_manifest=args.test_manifest, cache_dir=args.cache, out_path=args.out)
 
 
 def _add_data_stages(sub) -> None:
@@ -109,7 +115,8 @@ def _add_data_stages(sub) -> None:
 
 def _add_training_stages(sub) -> None:
     for name, func, text in (("pretrain", _stage_pretrain, "train from scratch on the large set"),
-                             ("finetune", _stage_finetune, "fine-tune on the small set")):
+                             ("finetune", _stage_finetune, "fine-tune on the small set"),
+                             ("scratch", _stage_scratch, "the baseline: train from scratch on the small set")):
         p = sub.add_parser(name, help=text)
         p.add_argument("--manifests", required=True)
         p.add_argument("--cache", required=True)
@@ -129,7 +136,9 @@ def _add_training_stages(sub) -> None:
     p = sub.add_parser("register", help="register the fine-tuned model; champion only if it is better")
     p.add_argument("--train", required=True, help="the finetune stage's folder (its run.json)")
     p.add_argument("--metrics", required=True, help="the evaluate stage's metrics.json")
-    p.add_argument("--test-manifest", required=True, help="the test split whose digest the score belongs to")
+    p.add_argument("--test-manifest", required=True, help="the test split whose digest the score belongs to "
+                   "(classes.json beside it); a champion measured on another split is re-scored on this one")
+    p.add_argument("--cache", required=True, help="the test videos' cache (the evaluate stage's --cache)")
     p.add_argument("--out", required=True)
     p.set_defaults(func=_stage_register)
 

@@ -117,10 +117,21 @@ class Train(Section):
 
     @model_validator(mode="after")
     def _warmup_fits(self):
-        if self.scheduler == "cosine" and self.epochs <= self.warmup_epochs:
-            raise ValueError(f"the cosine schedule needs epochs ({self.epochs}) > warmup_epochs "
-                             f"({self.warmup_epochs}): raise epochs or lower warmup_epochs")
-        return self
+        return _check_warmup(self)
+
+
+def _check_warmup(section: Train) -> Train:
+    if section.scheduler == "cosine" and section.epochs is not None and section.epochs <= section.warmup_epochs:
+        raise ValueError(f"the cosine schedule needs epochs ({section.epochs}) > warmup_epochs "
+                         f"({section.warmup_epochs}): raise epochs or lower warmup_epochs")
+    return section
+
+
+class Scratch(Train):
+    """The from-scratch baseline on the small set: its own optimiser knobs, as many epochs as fine-tuning by default
+    (`epochs: null`), so that the comparison is fair to both."""
+
+    epochs: int | None = None  # type: ignore[assignment]  # None = finetune.epochs (filled in by Params)
 
 
 class Finetune(Train):
@@ -162,10 +173,18 @@ class Params(Section):
     augment: Augment = Augment()
     pretrain: Train = Train()
     finetune: Finetune = Finetune()
+    scratch: Scratch = Scratch()
     evaluate: Evaluate = Evaluate()
     registry: Registry = Registry()
     tracking: Tracking = Tracking()
     storage: Storage = Storage()
+
+    @model_validator(mode="after")
+    def _scratch_epochs_default(self):
+        if self.scratch.epochs is None:  # frozen: the resolved value is set once, here, and logged as such
+            object.__setattr__(self, "scratch", self.scratch.model_copy(update={"epochs": self.finetune.epochs}))
+            _check_warmup(self.scratch)
+        return self
 
     def flat(self) -> dict[str, Any]:
         """Every knob as a dotted key, for MLflow params and Optuna."""

@@ -1,7 +1,9 @@
-"""Training and evaluation: loops, video-level metrics, optimisers, checkpoints and exact resume. Pure torch.
+"""The training and evaluation loops: seeding, model preparation, optimisers and schedulers, one epoch, evaluation,
+and `fit` (epochs with checkpoints and exact resume). Pure torch.
 
-Nothing here tracks or orchestrates: stages call these functions and log what they return (`fit`'s `on_epoch_end`
-is the hook for that). Batches are the dicts of the data loaders:
+Checkpoint files and resume state live in `action3d.checkpoint`, the metrics in `action3d.metrics`; this module
+only drives them. Nothing here tracks or orchestrates: stages call these functions and log what they return
+(`fit`'s `on_epoch_end` is the hook for that). Batches are the dicts of the data loaders:
 ``{"video": float[B, 3, T, H, W], "label": int64[B], "video_index": int64[B]}``.
 
 Under torchrun (see `action3d.distributed`) the same functions run on every rank: metrics are reduced over ranks,
@@ -14,9 +16,8 @@ import logging
 import math
 import random
 import time
-import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal, Mapping, NamedTuple
+from typing import Any, Callable, Iterable, Literal, Mapping
 
 import numpy as np
 import torch
@@ -25,8 +26,23 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from action3d import distributed as dist
-from action3d.atomic import atomic_write, copy_atomic
+from action3d.checkpoint import (
+    CheckpointError,
+    copy_checkpoint,
+    make_checkpoint,
+    read_checkpoint,
+    restore_checkpoint,
+    save_checkpoint,
+)
 from action3d.errors import Action3dError
+from action3d.metrics import (
+    VideoScores,
+    confusion_matrix,
+    per_class_accuracy,
+    scalar_metrics,
+    sum_by_video,
+    topk_accuracy,
+)
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +62,6 @@ class NonFiniteLossError(Action3dError, FloatingPointError):
 
     def __reduce__(self):  # picklable (Prefect and multiprocessing ship exceptions between processes)
         return type(self), (self.epoch, self.step, self.value, self.hint)
-
-
-class CheckpointError(Action3dError, RuntimeError):
-    """A checkpoint could not be written, read, or does not fit this run; the message names the file."""
 
 
 # --- setup -----------------------------------------------------------------------------------------------------
@@ -76,7 +88,7 @@ def prepare_model(
     """Move `model` to `device`, optionally channels_last_3d and torch.compile, then wrap it in DDP under torchrun.
 
     Build the optimizer from the returned model's parameters (they are the same tensors as the input model's).
-    `unwrap_model` gives the plain module back, e.g. for its state_dict.
+    `action3d.checkpoint.unwrap_model` gives the plain module back, e.g. for its state_dict.
     """
     device = torch.device(device)
     model = model.to(device)
@@ -88,17 +100,6 @@ def prepare_model(
         # DDP outside compile, so that evaluation can run `.module` (compiled, no DDP collectives) on uneven shards
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     return model
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The plain module inside DDP and torch.compile wrappers (its state_dict keys carry no prefixes)."""
-    while True:
-        if isinstance(model, DistributedDataParallel):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):  # torch.compile's OptimizedModule
-            model = model._orig_mod
-        else:
-            return model
 
 
 def _without_ddp(model: nn.Module) -> nn.Module:
@@ -294,71 +295,6 @@ def train_one_epoch(
 # --- evaluation ------------------------------------------------------------------------------------------------
 
 
-class VideoScores(NamedTuple):
-    """Per-video scores: `video_index` [V] (sorted), `probs` [V, C] (mean clip softmax), `labels` [V]."""
-
-    video_index: np.ndarray
-    probs: np.ndarray
-    labels: np.ndarray
-
-
-def _sum_by_video(
-    video_index: np.ndarray, probs: np.ndarray, counts: np.ndarray, labels: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Group rows by video: (videos [V] sorted, summed probs [V, C], summed counts [V], labels [V]).
-
-    Rows are clips (counts 1) or partial per-video sums from other ranks (counts = their clips)."""
-    videos, row = np.unique(video_index, return_inverse=True)
-    sums = np.zeros((len(videos), probs.shape[1]), dtype=np.float64)
-    np.add.at(sums, row, probs)
-    video_labels = np.full(len(videos), -1, dtype=np.int64)
-    video_labels[row] = labels
-    mismatch = video_labels[row] != labels
-    if mismatch.any():
-        bad = int(video_index[np.argmax(mismatch)])
-        raise ValueError(f"video {bad} has clips with different labels: check the manifest row {bad}")
-    return videos, sums, np.bincount(row, weights=counts, minlength=len(videos)), video_labels
-
-
-def video_level_scores(clip_probs: np.ndarray, video_index: np.ndarray, labels: np.ndarray) -> VideoScores:
-    """Average the clip softmax scores of each video, as the paper does over every window of a video.
-
-    clip_probs [N, C] (rows sum to 1), video_index [N] (which video each clip came from), labels [N]. Every clip
-    of a video must carry the same label. Returns the videos sorted by index.
-    """
-    clip_probs, video_index, labels = np.asarray(clip_probs), np.asarray(video_index), np.asarray(labels)
-    if clip_probs.ndim != 2 or not (len(clip_probs) == len(video_index) == len(labels)):
-        raise ValueError(
-            f"expected clip_probs [N, C], video_index [N], labels [N]; got shapes {clip_probs.shape}, "
-            f"{video_index.shape}, {labels.shape}"
-        )
-    videos, sums, counts, video_labels = _sum_by_video(video_index, clip_probs, np.ones(len(labels)), labels)
-    return VideoScores(videos, sums / counts[:, None], video_labels)
-
-
-def topk_accuracy(probs: np.ndarray, labels: np.ndarray, k: int = 1) -> float:
-    """Fraction of rows whose label is among the k highest scores (k is capped at the number of classes)."""
-    if len(labels) == 0:
-        return float("nan")
-    k = min(k, probs.shape[1])
-    top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
-    return float((top == np.asarray(labels)[:, None]).any(axis=1).mean())
-
-
-def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
-    """int64 [C, C]: row = true class, column = predicted class."""
-    matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
-    np.add.at(matrix, (np.asarray(labels), np.asarray(predictions)), 1)
-    return matrix
-
-
-def per_class_accuracy(matrix: np.ndarray) -> np.ndarray:
-    """float [C]: recall of each class from a confusion matrix; NaN for a class with no samples."""
-    totals = matrix.sum(axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(totals > 0, np.diag(matrix) / totals, np.nan)
-
-
 @torch.inference_mode()
 def evaluate(
     model: nn.Module,
@@ -407,9 +343,9 @@ def evaluate(
     local = None
     if labels:
         clip_labels = np.concatenate(labels)
-        local = _sum_by_video(np.concatenate(indices), np.concatenate(probs), np.ones(len(clip_labels)), clip_labels)
+        local = sum_by_video(np.concatenate(indices), np.concatenate(probs), np.ones(len(clip_labels)), clip_labels)
     parts = [p for p in dist.all_gather_objects(local) if p is not None]
-    merged = parts[0] if len(parts) == 1 else _sum_by_video(*(np.concatenate(x) for x in zip(*parts)))
+    merged = parts[0] if len(parts) == 1 else sum_by_video(*(np.concatenate(x) for x in zip(*parts)))
     videos, sums, counts, video_labels = merged
     scores = VideoScores(videos, sums / counts[:, None], video_labels)
     num_classes = scores.probs.shape[1]
@@ -431,43 +367,7 @@ def evaluate(
     }
 
 
-def scalar_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
-    """The scalar entries of a metrics dict (drops arrays), keys prefixed: for history, logs and metrics.json."""
-    return {f"{prefix}{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float, np.number))}
-
-
-# --- checkpoints -----------------------------------------------------------------------------------------------
-
-
-def save_checkpoint(state: Mapping[str, Any], path: str | Path) -> Path:
-    """Write a checkpoint dict atomically; a failure names the file and leaves the previous one untouched."""
-    return _guarded(path, lambda: atomic_write(path, lambda f: torch.save(dict(state), f)))
-
-
-def _guarded(path: str | Path, write: Callable[[], Path]) -> Path:
-    path = Path(path)
-    try:
-        return write()
-    except Exception as err:
-        raise CheckpointError(
-            f"could not write {path}: {err}. The previous {path.name}, if any, is untouched; "
-            "free disk space (or fix the cause) and run again to resume from it."
-        ) from err
-
-
-
-def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read one of our checkpoints (tensors, numbers, strings only: loaded with weights_only=True)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:
-        raise CheckpointError(f"{path} is not a readable checkpoint ({err}); delete it or restore a copy") from err
-    if not isinstance(state, dict) or "state_dict" not in state:
-        raise CheckpointError(f"{path} holds no 'state_dict': not an action3d checkpoint")
-    return state
+# --- the loop --------------------------------------------------------------------------------------------------
 
 
 def _loader_generators(*loaders: Iterable | None) -> list[torch.Generator]:
@@ -478,106 +378,6 @@ def _loader_generators(*loaders: Iterable | None) -> list[torch.Generator]:
             if isinstance(gen, torch.Generator) and all(gen is not g for g in found):
                 found.append(gen)
     return found
-
-
-def rng_state(generators: Iterable[torch.Generator] = ()) -> dict[str, Any]:
-    """Every random state a run consumes: python, numpy, torch CPU and CUDA, and the given generators.
-
-    Stored as tensors, ints and lists so that the checkpoint loads with weights_only=True.
-    """
-    np_state = np.random.get_state()
-    return {
-        "python": random.getstate(),
-        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "generators": [g.get_state() for g in generators],
-    }
-
-
-def set_rng_state(state: Mapping[str, Any], generators: Iterable[torch.Generator] = ()) -> None:
-    """Restore what `rng_state` captured."""
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
-    torch.set_rng_state(state["torch"].cpu())
-    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
-    generators = list(generators)
-    if len(generators) != len(state["generators"]):
-        warnings.warn(
-            f"the checkpoint holds {len(state['generators'])} loader generator state(s), the loaders now have "
-            f"{len(generators)}: the data order after resuming will differ from an uninterrupted run"
-        )
-        return
-    for gen, gen_state in zip(generators, state["generators"]):
-        gen.set_state(gen_state.cpu())
-
-
-def make_checkpoint(
-    model: nn.Module,
-    *,
-    arch: str,
-    model_kwargs: Mapping[str, Any],
-    epoch: int,
-    optimizer: torch.optim.Optimizer | None = None,
-    scheduler: Any = None,
-    best_metric: float | None = None,
-    history: list[dict[str, float]] | None = None,
-    generators: Iterable[torch.Generator] = (),
-    extra: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """The checkpoint dict: what rebuilds the model (`arch` + `model_kwargs`), its weights without DDP/compile
-    prefixes, optimiser, scheduler, `epoch` (epochs completed), RNG states, best metric and per-epoch history.
-    `extra` entries (e.g. an MLflow run id) are stored alongside under their own keys."""
-    state = {
-        "arch": arch,
-        "model_kwargs": dict(model_kwargs),
-        "state_dict": unwrap_model(model).state_dict(),
-        "epoch": int(epoch),
-        "optimizer": optimizer.state_dict() if optimizer is not None else None,
-        "scheduler": scheduler.state_dict() if scheduler is not None else None,
-        "rng": rng_state(generators),
-        "best_metric": best_metric,
-        "history": list(history or []),
-    }
-    for key, value in (extra or {}).items():
-        if key in state:
-            raise ValueError(f"extra checkpoint key '{key}' would overwrite a core entry")
-        state[key] = value
-    return state
-
-
-def restore_checkpoint(
-    state: Mapping[str, Any],
-    model: nn.Module,
-    *,
-    optimizer: torch.optim.Optimizer | None = None,
-    scheduler: Any = None,
-    generators: Iterable[torch.Generator] = (),
-    source: str = "checkpoint",
-) -> int:
-    """Load weights, optimiser, scheduler and RNG states from a checkpoint dict; return the epochs completed."""
-    try:
-        unwrap_model(model).load_state_dict(state["state_dict"])
-    except RuntimeError as err:
-        raise CheckpointError(f"{source} does not fit this model (arch '{state.get('arch')}'): {err}") from err
-    if optimizer is not None and state.get("optimizer") is not None:
-        optimizer.load_state_dict(state["optimizer"])
-    if scheduler is not None and state.get("scheduler") is not None:
-        scheduler.load_state_dict(state["scheduler"])
-    if state.get("rng") is not None:
-        set_rng_state(state["rng"], generators)
-    return int(state["epoch"])
-
-
-def copy_checkpoint(src: str | Path, dst: str | Path) -> Path:
-    """Copy a checkpoint file atomically (e.g. last.pt -> best.pt), with save_checkpoint's error."""
-    return _guarded(dst, lambda: copy_atomic(src, dst))
-
-
-# --- the loop --------------------------------------------------------------------------------------------------
 
 
 def _improved(value: float, best: float | None, mode: str) -> bool:
@@ -643,7 +443,10 @@ def fit(
     best_metric: float | None = None
     done = 0
     if resume and last_path.is_file():
-        state = load_checkpoint(last_path, map_location=device)
+        try:
+            state = read_checkpoint(last_path, map_location=device)
+        except CheckpointError as err:
+            raise CheckpointError(f"cannot resume: {err} Delete {last_path} to start this run afresh.") from err
         if state.get("arch") != arch or dict(state.get("model_kwargs") or {}) != dict(model_kwargs):
             raise CheckpointError(
                 f"{last_path} was written by arch '{state.get('arch')}' with {state.get('model_kwargs')}, this "

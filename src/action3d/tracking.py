@@ -29,7 +29,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import mlflow
 import numpy as np
@@ -40,7 +40,7 @@ from mlflow.models import infer_signature
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, RESOURCE_DOES_NOT_EXIST, ErrorCode
 from mlflow.tracking import MlflowClient
 
-from action3d.engine import unwrap_model
+from action3d.checkpoint import unwrap_model
 from action3d.storage import file_md5
 
 CHAMPION = "champion"
@@ -243,6 +243,16 @@ class StageRun:
             raise RuntimeError(f"run {self.run_id} is not the active MLflow run: log from inside start_stage_run")
 
 
+def reusable_run(run_id: str, *, tracking_uri: str, params: Mapping[str, Any]) -> bool:
+    """Whether `run_id` exists in the store at `tracking_uri` and logged exactly `params` (flattened as
+    `StageRun.log_params` logs them): only such a run can be reopened, since MLflow's params are write-once."""
+    try:
+        logged = MlflowClient(tracking_uri).get_run(run_id).data.params
+    except MlflowException:  # unknown here (another store, a deleted run)
+        return False
+    return logged == flatten_params(params)
+
+
 @contextlib.contextmanager
 def start_stage_run(
     stage: str,
@@ -292,6 +302,19 @@ def start_stage_run(
 
 
 # --- registry --------------------------------------------------------------------------------------------------
+#
+# Who is champion is a function of the registry's contents, not of the order registrations ran in: the champion is
+# the best version scored on the current test split (best `metric_key`, ties to the older version). A version's
+# score on split D is its own test metric when it was measured on D (tags `data_digest`, `metric.<key>`), else a
+# re-score on D (tag `rescore.<D>.<key>`, written when it was champion and the split changed). MLflow has no
+# transactions, so a registration creates its version, then points `champion` at the winner and re-reads until a
+# read agrees: the last alias write is followed by a read of its writer that saw every version created before it,
+# and every later version's writer reads after creating it, so concurrent registrations end on the same champion.
+
+RESCORE_ARTIFACT = "checkpoint/model.pt"  # the checkpoint stages/training.py logs beside the model
+_SETTLE_ROUNDS = 20
+
+Rescore = Callable[[Path], Mapping[str, Any]]  # a checkpoint file -> its test metrics on the current split
 
 
 @dataclass(frozen=True)
@@ -303,6 +326,8 @@ class Registration:
     alias: str | None  # "champion", "challenger", or None (an older version that lost its alias since)
     created: bool  # False when the run was already registered (nothing changed)
     reason: str
+    # the version this one was compared with on the current split: {"version", "score", "rescored"}; None when alone
+    compared: dict[str, Any] | None = None
 
 
 def _find_logged_model(client: MlflowClient, run_id: str, artifact: str) -> str:
@@ -321,6 +346,11 @@ def _aliases_of(client: MlflowClient, name: str, version: str) -> list[str]:
     return list(client.get_model_version(name, version).aliases)
 
 
+def _alias_of(client: MlflowClient, name: str, version: str) -> str | None:
+    aliases = _aliases_of(client, name, version)
+    return CHAMPION if CHAMPION in aliases else CHALLENGER if CHALLENGER in aliases else None
+
+
 def _champion(client: MlflowClient, name: str):
     try:
         return client.get_model_version_by_alias(name, CHAMPION)
@@ -328,6 +358,104 @@ def _champion(client: MlflowClient, name: str):
         if err.error_code in (ErrorCode.Name(RESOURCE_DOES_NOT_EXIST), "NOT_FOUND", "INVALID_PARAMETER_VALUE"):
             return None
         raise
+
+
+def _versions(client: MlflowClient, name: str) -> list:
+    """Every version of `name` (all pages), oldest first."""
+    found, token = [], None
+    while True:
+        page = client.search_model_versions(f"name = '{name}'", page_token=token)
+        found += list(page)
+        token = page.token
+        if not token:
+            return sorted(found, key=lambda v: int(v.version))
+
+
+def _rescore_tag(digest: str, key: str) -> str:
+    return f"rescore.{digest}.{key}"
+
+
+def _score_on(version, digest: str, key: str) -> tuple[float, bool] | None:
+    """(score, re-scored?) of `version` for `key` on test split `digest`; None when unknown or NaN there."""
+    raw, rescored = None, False
+    if version.tags.get("data_digest") == digest:
+        raw = version.tags.get(f"metric.{key}")
+    if raw is None:
+        raw, rescored = version.tags.get(_rescore_tag(digest, key)), True
+    if raw is None or math.isnan(float(raw)):
+        return None
+    return float(raw), rescored
+
+
+def _better(a: float, b: float, higher_is_better: bool) -> bool:
+    return a > b if higher_is_better else a < b
+
+
+def _ranked(versions: list, digest: str, key: str, higher_is_better: bool, skip: str | None = None):
+    """The best of `versions` scored on `digest` as (version, score, rescored), ties to the older; None if none.
+    A second version of a run already registered (two registrations of one run at once) does not count."""
+    best, runs = None, set()
+    for version in versions:  # oldest first: a later version must be strictly better to take over
+        if version.run_id and version.run_id in runs:
+            continue
+        runs.add(version.run_id)
+        scored = _score_on(version, digest, key)
+        if scored is None or str(version.version) == skip:
+            continue
+        if best is None or _better(scored[0], best[1], higher_is_better):
+            best = (version, *scored)
+    return best
+
+
+def _retried(write: Callable[[], Any], attempts: int = 5) -> None:
+    """A registry write that may be repeated. The sqlite store sets an alias or a tag by reading, then inserting:
+    two writers at once break a UNIQUE constraint and one gets an MlflowException, which a retry does not."""
+    for attempt in range(attempts):
+        try:
+            write()
+            return
+        except MlflowException:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.05 * (attempt + 1))
+
+
+def _settle_champion(client: MlflowClient, name: str, digest: str, key: str, higher_is_better: bool):
+    """Point `champion` at the best version scored on `digest`, and re-read until a read agrees (see above).
+    Returns (the versions read last, the winner as _ranked gives it or None)."""
+    for _ in range(_SETTLE_ROUNDS):
+        versions = _versions(client, name)
+        best = _ranked(versions, digest, key, higher_is_better)
+        if best is None:
+            return versions, None
+        current = _champion(client, name)
+        if current is not None and str(current.version) == str(best[0].version):
+            return versions, best
+        _retried(lambda: client.set_registered_model_alias(name, CHAMPION, best[0].version))
+    raise RuntimeError(f"the {CHAMPION} alias of {name} kept moving over {_SETTLE_ROUNDS} rounds: is something "
+                       f"else setting it?")
+
+
+def _rescore(client: MlflowClient, name: str, version, digest: str, key: str, rescore: Rescore) -> None:
+    """Score `version`'s training checkpoint on the current split with `rescore`; tag the version with it."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="action3d-rescore-") as tmp:
+        try:
+            path = client.download_artifacts(version.run_id, RESCORE_ARTIFACT, tmp)
+        except (MlflowException, OSError) as err:
+            raise LookupError(
+                f"{CHAMPION} v{version.version} of {name} was not measured on test split {digest} and its run "
+                f"{version.run_id} has no {RESCORE_ARTIFACT} to re-score it with ({err}); move the alias by hand "
+                f"(MlflowClient().set_registered_model_alias) or register it again from a training run"
+            ) from err
+        metrics = rescore(Path(path))
+    if key not in metrics:
+        raise KeyError(f"re-scoring {name} v{version.version} gave no '{key}' (got {sorted(metrics)})")
+    for metric, value in metrics.items():
+        if isinstance(value, (int, float, np.number)) and not isinstance(value, bool):
+            tag = (_rescore_tag(digest, metric), str(float(value)))
+            _retried(lambda: client.set_model_version_tag(name, version.version, *tag))
 
 
 def register_model(
@@ -340,18 +468,23 @@ def register_model(
     tracking_uri: str,
     artifact: str = "model",
     higher_is_better: bool = True,
+    rescore: Rescore | None = None,
 ) -> Registration:
     """Make the model logged by `run_id` a new version of registered model `name`, and give it an alias.
 
     The version is tagged `metric.<key>` for each of `metrics` (the test metrics), `data_digest` (the test
-    split's DVC md5) and `metric_key`. Then:
-    - no champion yet: it becomes `champion`;
-    - the champion was measured on the same test split (same `data_digest`): it becomes `champion` only if its
-      `metric_key` is strictly better (`higher_is_better`), else `challenger` (ties keep the incumbent);
-    - the champion was measured on another test split (or lacks the metric): the scores are not comparable, and
-      the registry's champion should be the best on the current split, of which the new version is the only one
-      measured: it becomes `champion` (the reason is recorded in the version's "promotion" tag and returned).
+    split's DVC md5) and `metric_key`. `champion` then goes to the best version scored on this split (strictly
+    better `metric_key` per `higher_is_better`, ties keep the older version); the new version is `challenger`
+    when it is not that. Its tags `promotion` (why), `compared.version`, `compared.<metric_key>` and
+    `compared.rescored` record what it was compared with.
+
+    When the champion was measured on another test split (or lacks `metric_key`), `rescore` scores its training
+    run's `checkpoint/model.pt` on this split first, and the champion version is tagged `rescore.<digest>.<metric>`
+    with the result. Without `rescore` such a champion is not comparable and the versions scored on this split
+    take over (the reason says so).
+
     Registering a run that already has a version of `name` creates nothing and changes no alias (idempotent).
+    Concurrent registrations (processes, machines) converge on one champion, the best (see the section's notes).
     """
     if "'" in name or "'" in run_id:
         raise ValueError(f"registered model name and run id may not contain quotes: {name!r}, {run_id!r}")
@@ -362,43 +495,75 @@ def register_model(
     mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri)
 
+    def already(version) -> Registration:
+        reason = f"run {run_id} is already version {version.version}"
+        return Registration(name, str(version.version), _alias_of(client, name, version.version), False, reason)
+
     existing = client.search_model_versions(f"name = '{name}' AND run_id = '{run_id}'")
     if existing:
-        version = min(existing, key=lambda v: int(v.version))
-        aliases = _aliases_of(client, name, version.version)
-        alias = CHAMPION if CHAMPION in aliases else CHALLENGER if CHALLENGER in aliases else None
-        reason = f"run {run_id} is already version {version.version}"
-        return Registration(name, str(version.version), alias, False, reason)
+        return already(min(existing, key=lambda v: int(v.version)))
 
     model_id = _find_logged_model(client, run_id, artifact)
     with contextlib.suppress(MlflowException):  # exists already: fine
         client.create_registered_model(name)
-    score = float(metrics[metric_key])
-    champion = _champion(client, name)
+    previous = _champion(client, name)
+    if previous is not None and rescore is not None and _score_on(previous, data_digest, metric_key) is None:
+        _rescore(client, name, previous, data_digest, metric_key, rescore)
 
-    if champion is None:
-        alias, reason = CHAMPION, "first version with an alias: champion"
-    elif champion.tags.get("data_digest") != data_digest:
-        alias, reason = CHAMPION, (
-            f"champion v{champion.version} was measured on test split {champion.tags.get('data_digest')}, this "
-            f"version on {data_digest}: not comparable, the version measured on the current split takes over"
-        )
-    elif f"metric.{metric_key}" not in champion.tags:
-        alias, reason = CHAMPION, f"champion v{champion.version} has no {metric_key} tag: not comparable"
-    else:
-        best = float(champion.tags[f"metric.{metric_key}"])
-        better = (score > best if higher_is_better else score < best) and not math.isnan(score)
-        verb = "beats" if better else "does not beat"
-        alias = CHAMPION if better else CHALLENGER
-        reason = f"{metric_key} {score:.6g} {verb} champion v{champion.version}'s {best:.6g} on the same test split"
-
-    tags = {f"metric.{k}": str(float(v)) for k, v in metrics.items() if isinstance(v, (int, float, np.number))}
-    tags.update(data_digest=data_digest, metric_key=metric_key, promotion=reason)
-    version = client.create_model_version(
+    tags = {f"metric.{k}": str(float(v)) for k, v in metrics.items()
+            if isinstance(v, (int, float, np.number)) and not isinstance(v, bool)}
+    tags.update(data_digest=data_digest, metric_key=metric_key)
+    created = client.create_model_version(
         name, source=f"models:/{model_id}", run_id=run_id, tags=tags, model_id=model_id
     )
-    client.set_registered_model_alias(name, alias, version.version)
-    return Registration(name, str(version.version), alias, True, reason)
+    mine = str(created.version)
+    twins = client.search_model_versions(f"name = '{name}' AND run_id = '{run_id}'")
+    first = min(twins, key=lambda v: int(v.version))
+    if str(first.version) != mine:  # the same run registered at the same time elsewhere: the older version stands
+        client.delete_model_version(name, mine)
+        return already(first)
+
+    versions, best = _settle_champion(client, name, data_digest, metric_key, higher_is_better)
+    if best is None and _champion(client, name) is None:  # a NaN score, and nothing else to crown
+        _retried(lambda: client.set_registered_model_alias(name, CHAMPION, mine))
+    won = str(best[0].version) == mine if best is not None else _champion_version(client, name) == mine
+    if not won:
+        _retried(lambda: client.set_registered_model_alias(name, CHALLENGER, mine))
+
+    score = float(metrics[metric_key])
+    other = _ranked(versions, data_digest, metric_key, higher_is_better, skip=mine) if won else best
+    compared = None if other is None else {"version": str(other[0].version), "score": other[1], "rescored": other[2]}
+    reason = _reason(metric_key, score, data_digest, won, other, previous)
+    version_tags = {"promotion": reason}
+    if compared is not None:
+        version_tags.update({"compared.version": compared["version"], f"compared.{metric_key}": str(compared["score"]),
+                             "compared.rescored": str(compared["rescored"]).lower()})
+    for key, value in version_tags.items():
+        _retried(lambda: client.set_model_version_tag(name, mine, key, value))
+    return Registration(name, mine, CHAMPION if won else CHALLENGER, True, reason, compared)
+
+
+def _champion_version(client: MlflowClient, name: str) -> str | None:
+    champion = _champion(client, name)
+    return None if champion is None else str(champion.version)
+
+
+def _reason(key: str, score: float, digest: str, won: bool, other, previous) -> str:
+    """Why the new version got its alias, in words (the `promotion` tag)."""
+    if other is None:
+        if not won:
+            return f"{key} {score:.6g} is not a number: it beats nothing"
+        if previous is None:
+            return "first version with an alias: champion"
+        return (f"champion v{previous.version} was measured on test split {previous.tags.get('data_digest')}, "
+                f"this version on {digest}, and it was not re-scored: not comparable, the version measured on the "
+                f"current split takes over")
+    version, best, rescored = other
+    how = (f" (v{version.version} re-scored on this split; it measured {version.tags.get(f'metric.{key}', '?')} on "
+           f"test split {version.tags.get('data_digest')})") if rescored else ""
+    if won:
+        return f"{key} {score:.6g} beats v{version.version}'s {best:.6g} on test split {digest}{how}"
+    return f"{key} {score:.6g} does not beat champion v{version.version}'s {best:.6g} on test split {digest}{how}"
 
 
 def champion_uri(name: str) -> str:

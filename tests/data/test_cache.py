@@ -39,7 +39,8 @@ def test_pack_decodes_to_the_scaled_frames(ucf_root, manifests, tmp_path):
     path = next(iter(rel))
     pack = FramePack(cache_path(tmp_path, path))
     assert (pack.info.frames, pack.info.height, pack.info.width, pack.info.fps) == (30, 32, 43, 25.0)
-    source, _ = decode_scaled(ucf_root / path, 32)
+    source, _, truncated = decode_scaled(ucf_root / path, 32)
+    assert truncated == ""
     frames = pack.read(range(30)).permute(0, 2, 3, 1).numpy().astype(np.int16)
     assert frames.shape == source.shape
     assert np.abs(frames - source).mean() < 4  # JPEG at quality 90
@@ -107,3 +108,34 @@ def test_a_file_that_is_not_a_pack_is_named(tmp_path):
     bad.write_bytes(b"something else entirely")
     with pytest.raises(CacheError, match=r"x\.jpack: not a frame pack"):
         FramePack(bad)
+
+
+def test_a_truncated_video_is_cached_and_reported(ucf_root, copy_of, tmp_path, tiny_video, capsys):
+    """A real H.264 file cut short decodes quietly to fewer frames than its container states: the stage caches the
+    frames it has and reports the video in its summary, cache_report.json, index.csv and its metrics."""
+    import json
+    from pathlib import Path
+
+    from action3d.config import load_params
+    from action3d.stages import cache as cache_stage
+
+    root = copy_of(ucf_root)
+    build_manifests("ucf101", root, tmp_path / "splits", val_fraction=0.0, probe=False, **FAST)
+    cut = [ln.split()[0] for ln in (root / "trainlist01.txt").read_text().splitlines()][0]
+    whole = tiny_video(root / cut, frames=50).read_bytes()
+    (root / cut).write_bytes(whole[: int(len(whole) * 0.9)])  # the last tenth of the file is gone
+
+    params = load_params(Path(__file__).resolve().parents[2] / "params.yaml", ["cache.short_side=24"])
+    args = dict(manifests_dir=tmp_path / "splits", data_root=root, out_dir=tmp_path / "cache", workers=1)
+    metrics = cache_stage.run(params, **args)
+    assert metrics["truncated"] == 1 and metrics["unreadable"] == 0 and metrics["built"] == metrics["videos"]
+    frames = read_index(tmp_path / "cache")[cut].frames
+    assert 0 < frames < 50 and FramePack(cache_path(tmp_path / "cache", cut)).frames == frames
+    why = f"decoded {frames} frames, container says 50"
+    assert f"truncated, cached the frames decoded: {cut} ({why})" in capsys.readouterr().out
+    assert json.loads((tmp_path / "cache" / "cache_report.json").read_text())["truncated"] == {cut: why}
+    assert read_index(tmp_path / "cache")[cut].truncated == why
+
+    again = cache_stage.run(params, **args)  # resumed: nothing rebuilt, the video still reported
+    assert (again["built"], again["truncated"]) == (0, 1)
+    assert json.loads((tmp_path / "cache" / "cache_report.json").read_text())["truncated"] == {cut: why}

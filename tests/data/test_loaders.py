@@ -1,10 +1,12 @@
-"""Loaders over the cache: shapes, labels, clips per video, epoch length, time shuffle, bad videos, sharding."""
+"""Loaders over the cache: shapes, labels, clips per video, temporal random crop, randomness that depends on (seed,
+epoch, video) alone, epoch length, time shuffle, bad videos, sharding."""
 
 from __future__ import annotations
 
 import csv
 from fractions import Fraction
 
+import numpy as np
 import pytest
 import torch
 from pytorchvideo.data.clip_sampling import RandomClipSampler
@@ -12,6 +14,8 @@ from pytorchvideo.data.clip_sampling import RandomClipSampler
 from action3d.data.annotations import build_manifests, read_manifest
 from action3d.data.cache import build_cache, cache_path
 from action3d.data.loaders import PackedVideo, clip_indices, make_eval_loader, make_train_loader
+from action3d.data.transforms import KINETICS_MEAN, KINETICS_STD
+from action3d.data.video import write_video
 
 FAST = dict(workers=1, progress=False)
 CLIP = dict(clip_frames=8, crop_size=16)
@@ -138,8 +142,17 @@ def test_sharding_for_ddp(data):
     train = [make_train_loader(data / "splits" / "train.csv", data / "cache", batch_size=2, workers=0, world_size=2,
                                rank=r, **CLIP) for r in (0, 1)]
     assert all(len(t.sampler) == 6 for t in train)
-    parts = [set(t.sampler) for t in train]
-    assert not parts[0] & parts[1] and parts[0] | parts[1] == set(range(12))
+    for epoch in (1, 2):  # both ranks shuffle alike each epoch, so their shards still partition the videos
+        for t in train:
+            t.sampler.set_epoch(epoch)
+        parts = [{key.index for key in t.sampler} for t in train]
+        assert not parts[0] & parts[1] and parts[0] | parts[1] == set(range(12))
+        for t in train:
+            t.sampler.set_epoch(epoch)
+        batches = [list(t) for t in train]
+        assert [sum(len(b["label"]) for b in bs) for bs in batches] == [6, 6]
+        seen = [set(torch.cat([b["video_index"] for b in bs]).tolist()) for bs in batches]
+        assert not seen[0] & seen[1]
 
 
 def test_packed_video_speaks_pytorchvideo(data):
@@ -151,3 +164,82 @@ def test_packed_video_speaks_pytorchvideo(data):
     info = RandomClipSampler(Fraction(8, 25))(0, video.duration, {})
     assert 0 <= info.clip_start_sec <= video.duration - Fraction(8, 25)
     assert torch.equal(video.get_clip(0, Fraction(2, 25))["video"].transpose(0, 1), video.frames([0, 1]))
+
+
+# --- the temporal random crop, on a video whose frame t shows the grey level 10 + 6 t --------------------------
+
+
+def _numbered_video_cache(tmp_path, frames: int = 40):
+    """A one-video manifest and cache of a `frames`-frame video whose frame t is uniformly grey at 10 + 6 t."""
+    video = tmp_path / "raw" / "count" / "v.mkv"
+    write_video(video, (np.full((48, 64, 3), 10 + 6 * t, np.uint8) for t in range(frames)), fps=25, crf=10)
+    manifest = tmp_path / "one.csv"
+    manifest.write_text("path,label,label_name,video_id,group\ncount/v.mkv,0,count,v,v\n")
+    build_cache(manifest, tmp_path / "raw", tmp_path / "cache", short_side=24, workers=1, progress=False)
+    return manifest, tmp_path / "cache"
+
+
+def _frame_numbers(clip: torch.Tensor) -> list[int]:
+    """The frame number each frame of a normalised clip [3, T, H, W] of the numbered video shows."""
+    grey = clip[0].mean(dim=(1, 2)) * 255 * KINETICS_STD[0] + 255 * KINETICS_MEAN[0]
+    return [round((float(g) - 10) / 6) for g in grey]
+
+
+@pytest.mark.parametrize("stride, last_start", [(1, 24), (2, 8)])
+def test_training_clips_start_anywhere_in_the_video(tmp_path, stride, last_start):
+    """40 frames, 16-frame clips: a clip may start at any frame whose 16 x stride span fits (the reference's
+    TemporalRandomCrop), not only at frame 0."""
+    manifest, cache = _numbered_video_cache(tmp_path)
+    loader = make_train_loader(manifest, cache, clip_frames=16, crop_size=16, stride=stride, batch_size=1, workers=0,
+                               seed=0)
+    starts = []
+    for epoch in range(400):
+        loader.sampler.set_epoch(epoch)
+        (batch,) = list(loader)
+        numbers = _frame_numbers(batch["video"][0])
+        assert numbers == list(range(numbers[0], numbers[0] + 16 * stride, stride))  # consecutive, stride apart
+        starts.append(numbers[0])
+    assert set(starts) == set(range(last_start + 1))
+
+
+def test_a_video_shorter_than_a_training_clip_starts_at_0_and_loops(tmp_path):
+    manifest, cache = _numbered_video_cache(tmp_path, frames=10)
+    loader = make_train_loader(manifest, cache, clip_frames=16, crop_size=16, batch_size=1, workers=0, seed=0)
+    for epoch in range(5):
+        loader.sampler.set_epoch(epoch)
+        (batch,) = list(loader)
+        assert _frame_numbers(batch["video"][0]) == [t % 10 for t in range(16)]
+
+
+# --- training randomness: a function of (seed, epoch, video), not of workers or resumption -------------------------
+
+
+def _epochs(data, epochs, *, workers, seed=0, first=1):
+    loader = make_train_loader(data / "splits" / "train.csv", data / "cache", batch_size=4, workers=workers, seed=seed,
+                               **CLIP)
+    out = []
+    for epoch in range(first, first + epochs):
+        loader.sampler.set_epoch(epoch)
+        out.append([(b["video_index"], b["video"]) for b in loader])
+    return out
+
+
+def _same(a, b) -> bool:
+    return len(a) == len(b) and all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(a, b))
+
+
+def test_training_batches_do_not_depend_on_workers_or_on_resuming(data):
+    alone = _epochs(data, 3, workers=0)
+    persistent = _epochs(data, 3, workers=2)
+    resumed = _epochs(data, 1, workers=2, first=3)  # new workers, straight into epoch 3
+    assert all(_same(a, p) for a, p in zip(alone, persistent))
+    assert _same(resumed[0], alone[2])
+    assert not _same(alone[0], alone[1])  # each epoch draws anew
+    assert not _same(_epochs(data, 1, workers=0, seed=1)[0], alone[0])
+
+
+def test_without_set_epoch_each_pass_is_the_next_epoch(data):
+    loader = make_train_loader(data / "splits" / "train.csv", data / "cache", batch_size=4, workers=0, seed=0, **CLIP)
+    plain = [[(b["video_index"], b["video"]) for b in loader] for _ in range(2)]
+    assert _same(plain[0], _epochs(data, 1, workers=0, first=0)[0])
+    assert _same(plain[1], _epochs(data, 1, workers=0, first=1)[0])

@@ -75,3 +75,14 @@ def test_bad_arguments_are_named():
         EvalPreset(crop_size=8, layout="THWC")
     with pytest.raises(ValueError, match="4 dimensions"):
         EvalPreset(crop_size=8)(torch.zeros(3, 8, 8, dtype=torch.uint8))
+
+
+def test_train_preset_draws_from_the_generator_it_is_given():
+    clip, preset = _clip(h=32, w=48), TrainPreset(crop_size=8)
+    outs = [preset(clip, generator=torch.Generator().manual_seed(s)) for s in range(8)]
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    again = preset(clip, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(torch.get_rng_state(), before)  # the global generator is left alone
+    assert torch.equal(again, outs[3])
+    assert len({o.sum().item() for o in outs}) > 1  # and seeds differ in crop or flip

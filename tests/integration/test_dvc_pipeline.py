@@ -43,9 +43,13 @@ def _set_param(repo: Path, dotted: str, value) -> None:
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> Path:
+def first_repro(tmp_path_factory) -> tuple[Path, str]:
+    """A fresh git + DVC repository with the real dvc.yaml, the package's sources (stages depend on them) and the
+    tiny params, after its first `dvc repro`, committed. Returns the repository and that repro's output."""
     repo = tmp_path_factory.mktemp("repo")
     shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
+    shutil.copytree(ROOT / "src", repo / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    shutil.copy(ROOT / "README.md", repo / "README.md")
     write_tiny_params(repo)
     _run(repo, "git", "init", "-q")
     _run(repo, "git", "config", "user.email", "ci@example.com")
@@ -53,18 +57,36 @@ def repo(tmp_path_factory) -> Path:
     _run(repo, "dvc", "init", "-q")
     _run(repo, "dvc", "config", "core.analytics", "false")
     shutil.copy(ROOT / ".gitignore", repo / ".gitignore")
+    shutil.copy(ROOT / ".dvcignore", repo / ".dvcignore")
     _run(repo, "git", "add", "-A")
     _run(repo, "git", "commit", "-qm", "tiny pipeline")
+    first = _run(repo, "dvc", "repro")
+    _run(repo, "git", "add", "-A")
+    _run(repo, "git", "commit", "-qm", "baseline run")
+    return repo, first.stdout
+
+
+@pytest.fixture
+def repo(first_repro) -> Path:
+    """The repository as its baseline commit left it, whatever an earlier test changed."""
+    repo, _ = first_repro
+    _run(repo, "git", "checkout", "-q", "--", ".")
+    _run(repo, "dvc", "checkout", "-q", check=False)
     return repo
 
 
-def test_repro_runs_every_stage_then_nothing(repo):
-    first = _run(repo, "dvc", "repro")
-    assert _ran(first.stdout) == {"synth", "split@pretrain", "split@finetune", "cache@pretrain", "cache@finetune",
-                                  "pretrain", "finetune", "scratch", "evaluate@finetune", "evaluate@scratch",
-                                  "register"}
+def _stale(repo: Path) -> set[str]:
+    return set(json.loads(_run(repo, "dvc", "status", "--json").stdout or "{}"))
+
+
+def test_repro_runs_every_stage_then_nothing(first_repro, repo):
+    _, first = first_repro
+    assert _ran(first) == {"synth", "split@pretrain", "split@finetune", "cache@pretrain", "cache@finetune",
+                           "pretrain", "finetune", "scratch", "evaluate@finetune", "evaluate@scratch", "register"}
     metrics = json.loads((repo / "runs/evaluate/finetune/metrics.json").read_text())
-    assert 0 <= metrics["video_top1"] <= 1 and "time_shuffled_video_top1" in metrics
+    rows = (repo / "runs/evaluate/finetune/predictions.csv").read_text().splitlines()[1:]
+    assert len(rows) == metrics["videos"] > 0 and "time_shuffled_video_top1" in metrics
+    assert metrics["video_top1"] == pytest.approx(sum(r.split(",")[1] == r.split(",")[2] for r in rows) / len(rows))
     assert json.loads((repo / "runs/register/registration.json").read_text())["alias"] == "champion"
 
     again = _run(repo, "dvc", "repro")
@@ -74,8 +96,19 @@ def test_repro_runs_every_stage_then_nothing(repo):
     assert "video_top1" in json.dumps(shown)
     report = _run(repo, "action3d", "report").stdout
     assert "registered model" in report and "mlflow ui --backend-store-uri sqlite:///" in report
-    _run(repo, "git", "add", "-A")
-    _run(repo, "git", "commit", "-qm", "baseline run")
+
+
+def test_a_code_change_makes_stale_what_runs_that_code_and_a_docs_change_nothing(repo):
+    with open(repo / "README.md", "a") as f:
+        f.write("\nA note.\n")
+    assert _stale(repo) == set()
+    with open(repo / "src/action3d/engine.py", "a") as f:
+        f.write("\n# a change of the training loop\n")
+    assert _stale(repo) == {"pretrain", "finetune", "scratch", "evaluate@finetune", "evaluate@scratch"}
+    _run(repo, "git", "checkout", "-q", "--", "src/action3d/engine.py")
+    with open(repo / "src/action3d/data/annotations.py", "a") as f:
+        f.write("\n# a change of the manifest parser\n")
+    assert _stale(repo) == {"split@pretrain", "split@finetune"}
 
 
 def test_changing_finetune_lr_reruns_only_finetune_and_what_follows(repo):
@@ -86,8 +119,6 @@ def test_changing_finetune_lr_reruns_only_finetune_and_what_follows(repo):
 
 
 def test_a_failed_stage_is_where_the_next_repro_starts(repo):
-    _run(repo, "git", "checkout", "-q", "--", "params.yaml")
-    _run(repo, "dvc", "checkout", "-q", check=False)
     _set_param(repo, "finetune.init", "checkpoint")  # with finetune.checkpoint null: a clear error
     failed = _run(repo, "dvc", "repro", check=False)
     assert failed.returncode != 0
@@ -99,8 +130,6 @@ def test_a_failed_stage_is_where_the_next_repro_starts(repo):
 
 
 def test_queued_experiments_run_and_are_listed(repo):
-    _run(repo, "git", "checkout", "-q", "--", "params.yaml")
-    _run(repo, "dvc", "checkout", "-q", check=False)
     _run(repo, "dvc", "exp", "run", "--queue", "-S", "finetune.weight_decay=0.001", "-n", "wd-1e-3")
     _run(repo, "dvc", "queue", "start", "-j", "1")
     _run(repo, "dvc", "queue", "logs", "wd-1e-3", "-f", check=False, timeout=900)  # follows until it ends

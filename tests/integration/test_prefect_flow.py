@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -28,7 +29,9 @@ def test_the_flow_runs_every_stage_and_registers_the_model(tmp_path):
     assert "Completed" in done.stdout + done.stderr
     for which in ("finetune", "scratch"):
         metrics = json.loads((tmp_path / f"runs/evaluate/{which}/metrics.json").read_text())
-        assert 0.0 <= metrics["video_top1"] <= 1.0
+        rows = list(csv.DictReader(open(tmp_path / f"runs/evaluate/{which}/predictions.csv")))
+        assert len(rows) == metrics["videos"] > 0
+        assert metrics["video_top1"] == pytest.approx(sum(r["actual"] == r["predicted"] for r in rows) / len(rows))
     registration = json.loads((tmp_path / "runs/register/registration.json").read_text())
     assert registration["alias"] == "champion" and registration["version"] == "1"
     assert (tmp_path / "mlflow.db").is_file()  # tracked in the project's own store

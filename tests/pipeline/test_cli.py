@@ -21,7 +21,7 @@ def test_an_unknown_params_key_names_it_and_suggests_the_right_one(tmp_path):
 
 def test_a_missing_manifest_folder_points_at_the_split_stage(tmp_path):
     done = _action3d("stage", "register", "--train", str(tmp_path / "runs/finetune"), "--metrics", "m.json",
-                     "--test-manifest", "t.csv", "--out", str(tmp_path / "r.json"))
+                     "--test-manifest", "t.csv", "--cache", "c", "--out", str(tmp_path / "r.json"))
     assert done.returncode == 2
     assert "run.json not found" in done.stderr and "dvc repro finetune" in done.stderr
 

@@ -1,19 +1,32 @@
-"""Checkpoints in and out (ours and the reference's), head replacement, fine-tuning freezes."""
+"""action3d.checkpoint: ours and the reference's files in, atomic writes, resume state, head replacement, and
+one clear error for a file that is not a checkpoint."""
 
+import errno
+import pickle
+import random
+import re
+
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from action3d.models import (
+from action3d.checkpoint import (
+    CheckpointError,
     CheckpointMismatchError,
-    checkpoint_state,
-    create_model,
-    freeze_before,
+    capture_rng_state,
+    copy_checkpoint,
     load_pretrained,
+    make_checkpoint,
     model_from_checkpoint,
     read_checkpoint,
+    restore_checkpoint,
+    restore_rng_state,
     save_checkpoint,
+    unwrap_model,
 )
+from action3d.errors import Action3dError
+from action3d.models import create_model
 
 CLIP = (2, 3, 8, 32, 32)
 SMALL = {"widen_factor": 0.125}  # ResNet wiring with 8..64 channels: fast, same keys
@@ -34,7 +47,7 @@ def test_our_checkpoint_rebuilds_the_model_with_no_outside_knowledge(tmp_path):
     model(torch.randn(CLIP)).sum().backward()
     optimizer.step()
 
-    path = save_checkpoint(checkpoint_state(model, epoch=3, optimizer=optimizer.state_dict()), tmp_path / "ck.pth")
+    path = save_checkpoint(make_checkpoint(model, epoch=3, optimizer=optimizer), tmp_path / "ck.pth")
     assert [p.name for p in tmp_path.iterdir()] == ["ck.pth"]  # no temporary file left behind
 
     rebuilt = model_from_checkpoint(path)
@@ -50,8 +63,8 @@ def test_our_checkpoint_rebuilds_the_model_with_no_outside_knowledge(tmp_path):
 
 def test_save_replaces_an_existing_file(tmp_path):
     path = tmp_path / "runs" / "last.pth"
-    save_checkpoint(checkpoint_state(_small(), epoch=1), path)
-    save_checkpoint(checkpoint_state(_small(), epoch=2), path)
+    save_checkpoint(make_checkpoint(_small(), epoch=1), path)
+    save_checkpoint(make_checkpoint(_small(), epoch=2), path)
     assert read_checkpoint(path)["epoch"] == 2
     assert [p.name for p in path.parent.iterdir()] == ["last.pth"]
 
@@ -79,13 +92,13 @@ def test_reference_style_checkpoint_loads(tmp_path):
     info = load_pretrained(target, path)
     assert _same_tensors(target.state_dict(), source.state_dict())
     assert (info.arch, info.epoch, info.n_pretrain_classes, info.head_replaced) == ("resnet-10", 200, 400, False)
-    with pytest.raises(ValueError, match="does not say how to rebuild"):
+    with pytest.raises(CheckpointError, match="does not say how to rebuild"):
         model_from_checkpoint(path)
 
 
 def test_other_class_count_loads_the_trunk_and_keeps_a_fresh_head(tmp_path):
     source = _small(n_classes=7)
-    path = save_checkpoint(checkpoint_state(source), tmp_path / "pretrain.pth")
+    path = save_checkpoint(make_checkpoint(source), tmp_path / "pretrain.pth")
 
     target = create_model("resnet10", **SMALL, n_classes=3)
     fresh_head = target.fc.weight.clone()
@@ -103,21 +116,21 @@ def test_other_class_count_loads_the_trunk_and_keeps_a_fresh_head(tmp_path):
 
 def test_densenet_head_replacement_uses_its_classifier(tmp_path):
     kwargs = {"growth_rate": 4, "num_init_features": 8}
-    path = save_checkpoint(checkpoint_state(create_model("densenet121", n_classes=6, **kwargs)), tmp_path / "d.pth")
+    path = save_checkpoint(make_checkpoint(create_model("densenet121", n_classes=6, **kwargs)), tmp_path / "d.pth")
     target = create_model("densenet121", n_classes=2, **kwargs)
     assert load_pretrained(target, path).head_replaced
     assert target.classifier.out_features == 2
 
 
 def test_type_a_checkpoint_into_type_b_model_names_key_and_knob(tmp_path):
-    path = save_checkpoint(checkpoint_state(_small(shortcut_type="A")), tmp_path / "a.pth")
+    path = save_checkpoint(make_checkpoint(_small(shortcut_type="A")), tmp_path / "a.pth")
     with pytest.raises(CheckpointMismatchError) as err:
         load_pretrained(create_model("resnet10", **SMALL, shortcut_type="B"), path)
     message = str(err.value)
     assert "'layer2.0.downsample.0.weight' (shape (16, 8, 1, 1, 1)) is in the model but not" in message
     assert "shortcut_type='A'" in message
 
-    path = save_checkpoint(checkpoint_state(_small(shortcut_type="B")), tmp_path / "b.pth")
+    path = save_checkpoint(make_checkpoint(_small(shortcut_type="B")), tmp_path / "b.pth")
     with pytest.raises(CheckpointMismatchError, match="shortcut_type='B'"):
         load_pretrained(create_model("resnet10", **SMALL, shortcut_type="A"), path)
 
@@ -140,59 +153,116 @@ class _NotATensor:
 def test_files_that_would_run_code_are_refused(tmp_path):
     path = tmp_path / "evil.pth"
     torch.save({"state_dict": {}, "payload": _NotATensor()}, path)
-    with pytest.raises(ValueError, match="weights_only=True"):
+    with pytest.raises(CheckpointError, match=r"evil\.pth.*_NotATensor.*weights_only=True.*re-save only its weights"):
         read_checkpoint(path)
 
 
-def _frozen_bn_stats(model, prefixes):
+def _bad_files(folder):
+    """Files a user may pass where a checkpoint belongs, with what the error must say about each."""
+    good = folder / "good.pt"
+    torch.save({"arch": "resnet10", "state_dict": {"w": torch.zeros(64)}}, good)
+    files = {
+        "video.mp4": (b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 4, "looks like a video"),
+        "notes.txt": (b"epoch 3: loss 0.2\n", "looks like a text file"),
+        "empty.pt": (b"", "empty"),
+        "truncated.pt": (good.read_bytes()[:200], "damaged PyTorch file"),
+        "plain.pkl": (pickle.dumps({"state_dict": [1, 2]}), "not a file torch can read"),
+    }
+    for name, (data, _) in files.items():
+        (folder / name).write_bytes(data)
+    torch.save(_NotATensor(), folder / "object.pt")
+    torch.save(nn.Linear(2, 3), folder / "module.pt")
+    torch.save({"epoch": 3, "lr": 0.1}, folder / "no_state_dict.pt")
+    torch.save({"state_dict": "weights.bin"}, folder / "odd_state_dict.pt")
+    torch.save(torch.zeros(3), folder / "tensor.pt")
     return {
-        k: v.clone() for k, v in model.state_dict().items()
-        if k.startswith(prefixes) and k.rsplit(".", 1)[-1] in ("running_mean", "running_var", "num_batches_tracked")
-    }  # fmt: skip
+        **{name: why for name, (_, why) in files.items()},
+        "object.pt": r"_NotATensor.*re-save only its weights",
+        "module.pt": r"torch\.nn\.modules\.linear\.Linear.*m\.state_dict\(\)",
+        "no_state_dict.pt": r"neither a 'state_dict' entry.*'epoch', 'lr'",
+        "odd_state_dict.pt": "'state_dict' is not a dict of tensors",
+        "tensor.pt": "holds a Tensor",
+        "missing.pt": "no such file",
+        ".": "directory",
+    }
 
 
-def test_freeze_before_layer4_trains_conv5_and_fc_only():
-    model = _small(n_classes=4)
-    trainable = freeze_before(model, "layer4")
-    expected = [*model.layer4.parameters(), *model.fc.parameters()]
-    assert [id(p) for p in trainable] == [id(p) for p in expected]
-
-    frozen_prefixes = ("conv1.", "bn1.", "layer1.", "layer2.", "layer3.")
-    frozen_weights = {k: v.clone() for k, v in model.state_dict().items() if k.startswith(frozen_prefixes)}
-    frozen_stats = _frozen_bn_stats(model, frozen_prefixes)
-    layer4_mean = model.layer4[0].bn1.running_mean.clone()
-    keys_before = list(model.state_dict())
-
-    optimizer = torch.optim.SGD(trainable, lr=0.5)
-    model.train()  # the engine does this every epoch: frozen BNs must stay frozen anyway
-    assert not model.bn1.training and model.layer4[0].bn1.training
-    nn.functional.cross_entropy(model(torch.randn(CLIP)), torch.tensor([0, 3])).backward()
-    optimizer.step()
-
-    assert all(p.grad is None for name, p in model.named_parameters() if name.startswith(frozen_prefixes))
-    assert all(p.grad is not None for p in trainable)
-    assert _same_tensors({k: model.state_dict()[k] for k in frozen_weights}, frozen_weights)
-    assert _same_tensors({k: model.state_dict()[k] for k in frozen_stats}, frozen_stats)
-    assert not torch.equal(model.layer4[0].bn1.running_mean, layer4_mean)
-    assert list(model.state_dict()) == keys_before  # still loads reference checkpoints
-    assert isinstance(model.bn1, nn.BatchNorm3d)
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bad")
+    return folder, _bad_files(folder)
 
 
-def test_freeze_before_classifier_alias_and_unfreezing():
-    model = create_model("densenet121", n_classes=3, growth_rate=4, num_init_features=8)
-    assert [id(p) for p in freeze_before(model, "fc")] == [id(p) for p in model.classifier.parameters()]
-    norm5 = model.features.norm5
-    assert type(norm5) is not nn.BatchNorm3d and not norm5.train().training
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+@pytest.mark.parametrize("name", ["video.mp4", "notes.txt", "empty.pt", "truncated.pt", "plain.pkl", "object.pt",
+                                  "module.pt", "no_state_dict.pt", "odd_state_dict.pt", "tensor.pt", "missing.pt",
+                                  "."])  # fmt: skip
+def test_a_file_that_is_not_a_checkpoint_is_one_clear_error(bad_files, name):
+    folder, why = bad_files
+    path = folder / name
+    for read in (read_checkpoint, model_from_checkpoint, lambda p: load_pretrained(_small(), p)):
+        with pytest.raises(CheckpointError) as err:
+            read(path)
+        message = str(err.value)
+        assert str(path) in message and re.search(why[name], message), message
+        assert "3D-ResNets-PyTorch" in message  # what was expected
+        assert isinstance(err.value, Action3dError)  # the CLI prints it: no traceback
 
-    assert len(freeze_before(model, "denseblock4")) > len(list(model.classifier.parameters()))
-    assert type(norm5) is nn.BatchNorm3d
 
-    everything = freeze_before(model, "")
-    assert len(everything) == len(list(model.parameters()))
-    model.train()
-    assert all(m.training for m in model.modules())
+def test_save_failure_names_the_file_and_keeps_the_previous_one(tmp_path, monkeypatch):
+    path = save_checkpoint(make_checkpoint(_small(), epoch=1), tmp_path / "last.pt")
+
+    def disk_full(obj, f, *args, **kwargs):
+        f.write(b"half a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(CheckpointError, match=r"could not write .*last\.pt: .*No space left.*untouched"):
+        save_checkpoint(make_checkpoint(_small(), epoch=2), path)
+    monkeypatch.undo()
+    assert read_checkpoint(path)["epoch"] == 1
+    assert copy_checkpoint(path, tmp_path / "best.pt").is_file() and read_checkpoint(tmp_path / "best.pt")["epoch"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt"]  # no temporary file left behind
+    with pytest.raises(CheckpointError, match=r"could not write .*best\.pt"):
+        copy_checkpoint(tmp_path / "gone.pt", tmp_path / "best.pt")
 
 
-def test_freeze_before_unknown_module_lists_the_choices():
-    with pytest.raises(ValueError, match=r"'layer5'.*conv1, bn1, layer1, layer2, layer3, layer4, fc"):
-        freeze_before(_small(), "layer5")
+def test_resume_state_round_trip_without_wrapper_prefixes(tmp_path):
+    model = _small(n_classes=3)
+    compiled = torch.compile(model)  # lazy: nothing compiles until a forward pass
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    state = make_checkpoint(compiled, epoch=7, optimizer=optimizer, best_metric=0.5, extra={"run_id": "abc"})
+    assert set(state["state_dict"]) == set(model.state_dict())  # no "_orig_mod." prefixes
+    assert (state["arch"], state["model_kwargs"]) == ("resnet10", {**SMALL, "n_classes": 3})
+    path = save_checkpoint(state, tmp_path / "sub" / "ck.pt")
+    loaded = read_checkpoint(path)
+    assert loaded["epoch"] == 7 and loaded["best_metric"] == 0.5 and loaded["run_id"] == "abc"
+    fresh = _small(n_classes=3)
+    fresh_optimizer = torch.optim.SGD(fresh.parameters(), lr=0.5)
+    assert restore_checkpoint(loaded, fresh, optimizer=fresh_optimizer) == 7
+    assert _same_tensors(fresh.state_dict(), model.state_dict())
+    assert fresh_optimizer.param_groups[0]["lr"] == 0.1
+    with pytest.raises(CheckpointMismatchError, match="does not fit"):
+        restore_checkpoint(loaded, _small(n_classes=5))
+    with pytest.raises(ValueError, match="'epoch' would overwrite"):
+        make_checkpoint(model, extra={"epoch": 1})
+    with pytest.raises(ValueError, match="no `arch`"):
+        make_checkpoint(nn.Linear(2, 2))
+    assert make_checkpoint(nn.Linear(2, 2), arch="tiny", model_kwargs={})["arch"] == "tiny"
+
+
+def test_rng_state_round_trip_with_loader_generators():
+    generator = torch.Generator().manual_seed(5)
+    state = capture_rng_state([generator])
+    draws = (random.random(), np.random.rand(), torch.rand(1), torch.rand(1, generator=generator))
+    restore_rng_state(state, [generator])
+    assert (random.random(), np.random.rand()) == draws[:2]
+    assert torch.equal(torch.rand(1), draws[2]) and torch.equal(torch.rand(1, generator=generator), draws[3])
+    with pytest.warns(UserWarning, match="data order after resuming will differ"):
+        restore_rng_state(state, [])
+
+
+def test_unwrap_model_sees_through_every_wrapper():
+    model = _small()
+    assert unwrap_model(torch.compile(nn.DataParallel(model))) is model
+    assert unwrap_model(model) is model

@@ -1,3 +1,4 @@
+import pydantic
 import pytest
 
 from action3d.config import ParamsError, load_params
@@ -44,7 +45,7 @@ def test_unknown_override_and_bad_value_are_named(tmp_path):
 
 def test_params_are_frozen_and_flatten_to_dotted_keys(tmp_path):
     params = load_params(tmp_path / "absent.yaml")
-    with pytest.raises(Exception):
+    with pytest.raises(pydantic.ValidationError, match="frozen"):
         params.finetune.lr = 1.0
     flat = params.flat()
     assert flat["finetune.ft_begin_module"] == "layer4"

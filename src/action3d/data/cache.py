@@ -13,7 +13,8 @@ Frame pack layout (little endian), extension `.jpack`:
     data     the JPEG files, one per frame, back to back
 
 The cache mirrors the data root: `<cache_root>/<manifest path>.jpack`, plus `index.csv` (what is cached, its frame
-count and size, and the error for each video that could not be read).
+count and size, the error for each video that could not be read, and a note for each video that was truncated: its
+frames decoded are cached, and `cache_report.json` lists it).
 """
 
 from __future__ import annotations
@@ -29,12 +30,12 @@ import warnings
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, NamedTuple, Sequence
 
 import numpy as np
 from tqdm import tqdm
 
-from action3d.data.video import VideoReadError, atomic_path, write_atomic_text
+from action3d.data.video import VideoReadError, atomic_path, stated_frames, write_atomic_text
 from action3d.errors import Action3dError
 
 log = logging.getLogger(__name__)
@@ -209,17 +210,32 @@ def scaled_size(height: int, width: int, short_side: int) -> tuple[int, int]:
     return max(1, round(height * short_side / width)), short_side
 
 
-def decode_scaled(path: str | Path, short_side: int) -> tuple[np.ndarray, float]:
-    """Decode every frame of `path` scaled (area filter) so its short side is `short_side`: ([T, h, w, 3], fps)."""
+class Decoded(NamedTuple):
+    """What `decode_scaled` got from a video: frames uint8 [T, h, w, 3], fps, and `truncated`: empty for a whole
+    video, else what shows it is cut short ("decoded 12 frames, container says 50")."""
+
+    frames: np.ndarray
+    fps: float
+    truncated: str = ""
+
+
+def decode_scaled(path: str | Path, short_side: int) -> Decoded:
+    """Decode every frame of `path` scaled (area filter) so its short side is `short_side`.
+
+    A video that stops decoding part way (a file cut short, a corrupt packet) keeps the frames decoded before, and
+    says so in `truncated`: when the decoder raised, or when it ended quietly on fewer frames than the container
+    states (by more than a frame and 2%: containers' counts of whole videos are that loose).
+    """
     import av
 
-    frames = []
+    frames, stopped, stated = [], "", 0
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
                 raise VideoReadError(path, "no video stream")
             stream = container.streams.video[0]
             fps = float(stream.average_rate or stream.guessed_rate or 25)
+            stated = stated_frames(container, stream, fps)
             size = None
             for frame in container.decode(stream):
                 if size is None:
@@ -231,10 +247,14 @@ def decode_scaled(path: str | Path, short_side: int) -> tuple[np.ndarray, float]
     except Exception as err:  # PyAV raises many types for a bad file; a partial decode is kept below
         if not frames:
             raise VideoReadError(path, f"{type(err).__name__}: {err}") from err
-        log.warning("%s: decoding stopped after %d frames (%s); caching those", path, len(frames), err)
+        stopped = f" (decoding stopped: {type(err).__name__}: {err})"
     if not frames:
         raise VideoReadError(path, "no decodable frame")
-    return np.stack(frames), fps
+    truncated = ""
+    if stopped or (stated and len(frames) < stated - max(1, stated // 50)):
+        truncated = f"decoded {len(frames)} frames" + (f", container says {stated}" if stated else "") + stopped
+        log.warning("%s: truncated, %s; caching those frames", path, truncated)
+    return Decoded(np.stack(frames), fps, truncated)
 
 
 @dataclass(frozen=True)
@@ -256,6 +276,7 @@ class CacheEntry:
     fps: float = 0.0
     bytes: int = 0
     error: str = ""
+    truncated: str = ""  # why the video looks cut short (its frames decoded are cached), see `Decoded`
 
 
 def _is_done(target: Path, short_side: int, source: Path) -> PackInfo | None:
@@ -271,21 +292,23 @@ def _is_done(target: Path, short_side: int, source: Path) -> PackInfo | None:
     return info if fresh and pack.complete and min(info.height, info.width) == short_side else None
 
 
-def _cache_one(job: _Job) -> tuple[PackInfo | None, str]:
+def _cache_one(job: _Job) -> tuple[PackInfo | None, str, str]:
+    """(info, "", truncated) for a cached video, (None, error, "") for one that could not be read."""
     try:
         source = fingerprint(job.source)
-        frames, fps = decode_scaled(job.source, job.short_side)
+        frames, fps, truncated = decode_scaled(job.source, job.short_side)
     except (VideoReadError, OSError) as err:
-        return None, str(err)
+        return None, str(err), ""
     height, width = frames.shape[1:3]
     write_pack(job.target, encode_jpegs(frames, quality=job.quality), height=height, width=width, fps=fps,
                source=source)
-    return PackInfo(len(frames), frames.shape[1], frames.shape[2], fps), ""
+    return PackInfo(len(frames), frames.shape[1], frames.shape[2], fps), "", truncated
 
 
 @dataclass
 class CacheReport:
-    """What `build_cache` did: counts, bytes, and the videos it could not read (path -> reason)."""
+    """What `build_cache` did: counts, bytes, the videos it could not read (path -> reason), the videos cut short
+    (path -> what shows it; their frames decoded are cached) and those shorter than a clip."""
 
     cache_root: str
     videos: int = 0
@@ -294,11 +317,13 @@ class CacheReport:
     failed: dict[str, str] = field(default_factory=dict)
     bytes: int = 0
     short: dict[str, int] = field(default_factory=dict)  # videos with fewer frames than min_frames
+    truncated: dict[str, str] = field(default_factory=dict)
 
     def summary(self) -> str:
         lines = [f"cache {self.cache_root}: {self.videos} videos ({self.built} built, {self.reused} reused), "
                  f"{self.bytes / 1e6:.1f} MB"]
         lines += [f"  unreadable, skipped: {p} ({why})" for p, why in sorted(self.failed.items())]
+        lines += [f"  truncated, cached the frames decoded: {p} ({why})" for p, why in sorted(self.truncated.items())]
         lines += [f"  shorter than a clip, will be loop-padded: {p} ({n} frames)"
                   for p, n in sorted(self.short.items())]
         return "\n".join(lines)
@@ -341,18 +366,22 @@ def build_cache(
     parallel over `workers` processes (default: every core) with a progress bar. Resumable: a pack already present
     is kept when it is whole, at this resolution and made from the same source file (its fingerprint: size, first
     and last bytes), unless `force`; anything else is rebuilt. Writes are atomic. A video that
-    cannot be read is recorded in the report and in index.csv and skipped; the loaders leave it out.
+    cannot be read is recorded in the report and in index.csv and skipped; the loaders leave it out. A video cut
+    short (see `decode_scaled`) is cached with the frames it has and recorded in the report and in index.csv.
     """
     data_root, cache_root = Path(data_root), Path(cache_root)
     rels = manifest_paths(manifests)
     report = CacheReport(str(cache_root), videos=len(rels))
+    previous = read_index(cache_root)  # a reused pack keeps the truncation noted when it was built
     entries: dict[str, CacheEntry] = {}
     todo: list[_Job] = []
     for rel in rels:
         target = cache_path(cache_root, rel)
         info = None if force else _is_done(target, short_side, data_root / rel)
         if info is not None:
-            entries[rel] = CacheEntry(rel, info.frames, info.height, info.width, info.fps, target.stat().st_size)
+            noted = previous[rel].truncated if rel in previous else ""
+            entries[rel] = CacheEntry(rel, info.frames, info.height, info.width, info.fps, target.stat().st_size,
+                                      truncated=noted)
             report.reused += 1
         else:
             todo.append(_Job(str(data_root / rel), str(target), short_side, quality))
@@ -361,7 +390,7 @@ def build_cache(
     pool = ProcessPoolExecutor(workers) if workers > 1 else None
     try:
         results = pool.map(_cache_one, todo, chunksize=2) if pool else map(_cache_one, todo)
-        for job, (info, error) in zip(todo, results):
+        for job, (info, error, truncated) in zip(todo, results):
             rel = str(Path(job.source).relative_to(data_root))
             if info is None:
                 Path(job.target).unlink(missing_ok=True)  # a pack of an older version of it would mislead
@@ -370,7 +399,7 @@ def build_cache(
                 log.warning("skipped unreadable video %s", error)
             else:
                 entries[rel] = CacheEntry(rel, info.frames, info.height, info.width, info.fps,
-                                          Path(job.target).stat().st_size)
+                                          Path(job.target).stat().st_size, truncated=truncated)
                 report.built += 1
             bar.update()
     finally:
@@ -380,6 +409,8 @@ def build_cache(
     for rel in rels:
         entry = entries[rel]
         report.bytes += entry.bytes
+        if entry.truncated:
+            report.truncated[rel] = entry.truncated
         if not entry.error and entry.frames < min_frames:
             report.short[rel] = entry.frames
     write_index(cache_root, [entries[r] for r in rels])
@@ -405,6 +436,6 @@ def read_index(cache_root: str | Path) -> dict[str, CacheEntry]:
     with open(path, newline="") as f:
         return {
             row["path"]: CacheEntry(row["path"], int(row["frames"]), int(row["height"]), int(row["width"]),
-                                    float(row["fps"]), int(row["bytes"]), row["error"])
+                                    float(row["fps"]), int(row["bytes"]), row["error"], row.get("truncated", ""))
             for row in csv.DictReader(f)
         }

@@ -1,8 +1,14 @@
 """Clip datasets and DataLoaders over the frame-pack cache, with pytorchvideo's clip samplers.
 
-Training: one random T-frame clip per video per epoch (pytorchvideo `RandomClipSampler`; loop-padded when the
-video is shorter), the paper's augmentation (`TrainPreset`). Evaluation: every non-overlapping T-frame window of
-every video (pytorchvideo `UniformClipSampler`, the paper's video-level test), each tagged with its video index.
+Training: one random T-frame clip per video per epoch, its first frame drawn uniformly over the whole video (the
+reference's TemporalRandomCrop; loop-padded when the video is shorter), with the paper's augmentation
+(`TrainPreset`). Evaluation: every non-overlapping T-frame window of every video (pytorchvideo
+`UniformClipSampler`, the paper's video-level test), each tagged with its video index.
+
+Training randomness is a pure function of (seed, epoch, video): `EpochSampler` shuffles from (seed, epoch) in the
+main process and hands each item its epoch along with its index, and the item draws its clip start, crop and flip
+from a generator seeded by (seed, epoch, index). So an epoch's batches do not depend on the number of workers, on
+their persistence, nor on where a run was stopped and resumed; nothing random happens in the workers' own RNGs.
 
 The datasets are map-style (`len` = videos for training, clips for evaluation) so the epoch length is exact with any
 number of workers, which pytorchvideo's iterable LabeledVideoDataset gets wrong (pytorchvideo#102).
@@ -17,6 +23,7 @@ number dropped since the loader's current pass began, which the engine reports a
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import multiprocessing
@@ -24,12 +31,12 @@ import random
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import torch
-from pytorchvideo.data.clip_sampling import ClipSampler, RandomClipSampler, UniformClipSampler
+from pytorchvideo.data.clip_sampling import UniformClipSampler
 from pytorchvideo.data.video import Video
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, SequentialSampler
 from torch.utils.data._utils.collate import default_collate
 
 from action3d.data.annotations import AnnotationError, read_manifest
@@ -102,6 +109,37 @@ def clip_indices(start: int, clip_frames: int, stride: int, num_frames: int) -> 
     return [own[i % len(own)] for i in range(clip_frames)]
 
 
+class ItemKey(NamedTuple):
+    """What `EpochSampler` yields for a training item: the epoch it is drawn for and the video's position."""
+
+    epoch: int
+    index: int
+
+
+def item_generator(seed: int, epoch: int, index: int) -> torch.Generator:
+    """A torch generator seeded by (seed, epoch, index) alone, for every random draw of one training item."""
+    digest = hashlib.blake2b(f"{seed}:{epoch}:{index}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+
+
+class EpochSampler(DistributedSampler):
+    """DistributedSampler's shuffling and sharding (order from seed + epoch), yielding `ItemKey(epoch, index)`.
+
+    `set_epoch(e)` (the engine calls it) names the epoch of the next pass; without it, each pass takes the epoch
+    after the previous one, so a plain loop over the loader still draws new clips every pass. With
+    `num_replicas=1` no process group is needed.
+    """
+
+    def __init__(self, size: int, *, seed: int, num_replicas: int = 1, rank: int = 0):
+        super().__init__(range(size), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=False)
+
+    def __iter__(self) -> Iterator[ItemKey]:
+        epoch = self.epoch
+        keys = [ItemKey(epoch, i) for i in super().__iter__()]  # shuffled with seed + self.epoch
+        self.epoch = epoch + 1  # the next pass's, unless set_epoch says otherwise
+        return iter(keys)
+
+
 class SkipCounter:
     """A count shared by the main process and every DataLoader worker (fork or spawn)."""
 
@@ -150,7 +188,12 @@ def load_records(manifest_csv: str | Path, cache_root: str | Path) -> tuple[list
 
 
 class ClipDataset(Dataset):
-    """Clips from frame packs. `train=True`: item i = a random clip of video i; else item i = the i-th window.
+    """Clips from frame packs. `train=True`: item `ItemKey(epoch, i)` = a random clip of video i for that epoch (a
+    bare i means epoch 0); else item i = the i-th window.
+
+    A training clip starts at a frame drawn uniformly from 0 .. frames - clip_frames * stride (0 for a shorter
+    video, which is loop-padded). That draw and the `transform`'s (called with `generator=`) come from
+    `item_generator(seed, epoch, i)`: the same key gives the same clip in any process.
 
     Items are {"video": float [3, T, H, W], "label": int, "video_index": int}, or None when the video could not
     be read (counted in `skipped_videos`; `collate_skip_bad` drops it).
@@ -174,9 +217,7 @@ class ClipDataset(Dataset):
         self.time_shuffle, self.seed = time_shuffle, seed
         self.counter = SkipCounter()
         self.clips: list[tuple[int, int]] = []  # (record, start frame)
-        if train:
-            self.sampler: ClipSampler = RandomClipSampler(self._clip_seconds(1))
-        else:
+        if not train:
             for r, rec in enumerate(self.records):
                 self.clips += [(r, start) for start in self._windows(rec)]
 
@@ -202,20 +243,20 @@ class ClipDataset(Dataset):
     def skipped_videos(self) -> int:
         return self.counter.value
 
-    def __getitem__(self, i: int) -> dict[str, Any] | None:
+    def __getitem__(self, key: int | ItemKey) -> dict[str, Any] | None:
+        generator = None
         if self.train:
-            r = i
+            epoch, r = key if isinstance(key, tuple) else (0, key)
             rec = self.records[r]
-            fps = Fraction(rec.fps).limit_denominator(1001)
-            # RandomClipSampler draws with python's `random`, which DataLoader seeds in every worker
-            info = self.sampler(0, Fraction(rec.frames) / fps, {})
-            start = min(int(info.clip_start_sec * fps), max(rec.frames - 1, 0))
+            generator = item_generator(self.seed, epoch, r)
+            # the reference's TemporalRandomCrop: any start whose clip_frames x stride span fits in the video
+            start = int(torch.randint(max(rec.frames - self.clip_frames * self.stride, 0) + 1, (), generator=generator))
         else:
-            r, start = self.clips[i]
+            r, start = self.clips[key]
             rec = self.records[r]
         indices = clip_indices(start, self.clip_frames, self.stride, rec.frames)
         if self.time_shuffle:  # the temporal control: same frames, order destroyed (repeatable per clip)
-            order = random.Random(f"{self.seed}:{i}").sample(range(len(indices)), len(indices))
+            order = random.Random(f"{self.seed}:{key}").sample(range(len(indices)), len(indices))
             indices = [indices[k] for k in order]
         try:
             frames = PackedVideo(rec.cache).frames(indices)
@@ -223,7 +264,8 @@ class ClipDataset(Dataset):
             self.counter.add()
             log.warning("skipping unreadable video %s (%s)", rec.path, err)
             return None
-        return {"video": self.transform(frames), "label": rec.label, "video_index": rec.index}
+        video = self.transform(frames, generator=generator) if self.train else self.transform(frames)
+        return {"video": video, "label": rec.label, "video_index": rec.index}
 
 
 def collate_skip_bad(items: list[dict[str, Any] | None]) -> dict[str, torch.Tensor] | None:
@@ -250,9 +292,9 @@ def _loader(
     dataset: ClipDataset, sampler, *, batch_size: int, workers: int, seed: int, drop_last: bool,
     pin_memory: bool | None, prefetch_factor: int | None,
 ) -> ClipLoader:
+    # the loader's own generator seeds its workers (nothing we draw depends on that seed) and keeps DataLoader from
+    # drawing that seed from torch's global generator, which the training process's model may use
     generator = torch.Generator().manual_seed(seed)
-    if isinstance(sampler, RandomSampler):
-        sampler.generator = generator
     return ClipLoader(
         dataset,
         batch_size=batch_size,
@@ -294,10 +336,12 @@ def make_train_loader(
     """One random `clip_frames`-frame clip per video per epoch, with the paper's augmentation, shuffled.
 
     `stride` takes every stride-th frame. `scales` and `hflip` tune `TrainPreset` (hflip 0 for the demo, whose
-    clockwise / counterclockwise classes a mirror would swap). Under torchrun (or `distributed=True` with
-    `world_size`/`rank`), a DistributedSampler shards the videos (the engine calls its set_epoch); otherwise a
-    RandomSampler driven by `loader.generator` (seeded by `seed`) shuffles them. `drop_last` avoids a last batch of
-    one clip (BatchNorm cannot train on it). Workers are persistent; memory is pinned when CUDA is available.
+    clockwise / counterclockwise classes a mirror would swap). An `EpochSampler` shuffles the videos from (seed,
+    epoch) and, under torchrun (or `distributed=True` with `world_size`/`rank`), shards them; the engine calls its
+    set_epoch. Each clip's start, crop and flip come from (seed, epoch, video), so `seed` must be the same on every
+    rank, and a resumed run draws what an uninterrupted one would, whatever the workers. `drop_last` avoids a last
+    batch of one clip (BatchNorm cannot train on it). Workers are persistent; memory is pinned when CUDA is
+    available.
     """
     records, _ = load_records(manifest_csv, cache_root)
     if not records:
@@ -306,8 +350,7 @@ def make_train_loader(
     transform = TrainPreset(crop_size=crop_size, hflip=hflip, **({"scales": tuple(scales)} if scales else {}))
     dataset = ClipDataset(records, clip_frames=clip_frames, transform=transform, train=True, stride=stride, seed=seed)
     world, r = _world(distributed, world_size, rank)
-    sampler = (DistributedSampler(dataset, num_replicas=world, rank=r, shuffle=True, seed=seed, drop_last=False)
-               if world > 1 else RandomSampler(dataset))
+    sampler = EpochSampler(len(dataset), seed=seed, num_replicas=world, rank=r)
     return _loader(dataset, sampler, batch_size=batch_size, workers=workers, seed=seed,
                    drop_last=drop_last and len(records) // world > batch_size, pin_memory=pin_memory,
                    prefetch_factor=prefetch_factor)

@@ -6,8 +6,9 @@ Evaluation: the centre square of side min(H, W) resized to `crop_size` (the refe
 normalisation. The same crop applies to every frame of a clip.
 
 Both take a uint8 clip [T, C, H, W] (`layout="TCHW"`, what the loaders decode) or [C, T, H, W] and return a float
-clip [C, T, crop_size, crop_size], the layout 3D CNNs eat. pytorchvideo.transforms is not used: it does not import
-with torchvision >= 0.17.
+clip [C, T, crop_size, crop_size], the layout 3D CNNs eat. `TrainPreset` draws from the `generator` it is called with
+(the loaders pass one seeded per item, so a clip's crop and flip do not depend on which worker made it), else from
+torch's global generator. pytorchvideo.transforms is not used: it does not import with torchvision >= 0.17.
 """
 
 from __future__ import annotations
@@ -55,9 +56,12 @@ class MultiScaleCornerCrop(v2.Transform):
         self.size, self.scales, self.positions = int(size), tuple(scales), tuple(positions)
 
     def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
-        height, width = F.get_size(next(i for i in flat_inputs if isinstance(i, torch.Tensor)))
-        scale = self.scales[int(torch.randint(len(self.scales), ()))]
-        position = self.positions[int(torch.randint(len(self.positions), ()))]
+        return self.draw(*F.get_size(next(i for i in flat_inputs if isinstance(i, torch.Tensor))))
+
+    def draw(self, height: int, width: int, generator: torch.Generator | None = None) -> dict[str, Any]:
+        """A crop (top, left, height, width) of a `height` x `width` frame, drawn from `generator`."""
+        scale = self.scales[int(torch.randint(len(self.scales), (), generator=generator))]
+        position = self.positions[int(torch.randint(len(self.positions), (), generator=generator))]
         side = max(1, int(min(height, width) * scale))
         top = {"c": (height - side) // 2, "tl": 0, "tr": 0, "bl": height - side, "br": height - side}[position]
         left = {"c": (width - side) // 2, "tl": 0, "bl": 0, "tr": width - side, "br": width - side}[position]
@@ -98,16 +102,19 @@ class _Preset:
         self.factor = torch.tensor([1.0 / (255.0 * s) for s in std]).view(3, 1, 1, 1)
         self.mean, self.std = tuple(mean), tuple(std)
 
-    def __call__(self, video: torch.Tensor) -> torch.Tensor:
+    def __call__(self, video: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
         """uint8 clip [T, C, H, W] (or [C, T, H, W] per `layout`) -> float [C, T, crop_size, crop_size]."""
         if video.ndim != 4:
             raise ValueError(f"expected a clip with 4 dimensions ({self.layout}); got shape {tuple(video.shape)}")
         if self.layout == "CTHW":
             video = video.transpose(0, 1)
-        out = self.pipeline(tv_tensors.Video(video)).as_subclass(torch.Tensor)
+        out = self._spatial(tv_tensors.Video(video), generator).as_subclass(torch.Tensor)
         # one copy to float [C, T, H, W], then in-place normalisation (uint8 crop/resize first: 4x less memory)
         out = out.transpose(0, 1).to(torch.float32, memory_format=torch.contiguous_format)
         return out.sub_(self.shift).mul_(self.factor)
+
+    def _spatial(self, video: tv_tensors.Video, generator: torch.Generator | None) -> torch.Tensor:
+        return self.pipeline(video)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.pipeline}, mean={self.mean}, std={self.std}, layout={self.layout!r})"
@@ -131,10 +138,17 @@ class TrainPreset(_Preset):
         std: Sequence[float] = KINETICS_STD,
         layout: Layout = "TCHW",
     ):
-        steps: list[v2.Transform] = [MultiScaleCornerCrop(crop_size, scales=scales, positions=positions)]
-        if hflip > 0:
-            steps.append(v2.RandomHorizontalFlip(p=hflip))
-        super().__init__(steps, mean, std, layout)
+        self.crop = MultiScaleCornerCrop(crop_size, scales=scales, positions=positions)
+        self.hflip = float(hflip)
+        steps: list[v2.Transform] = [self.crop] + ([v2.RandomHorizontalFlip(p=hflip)] if hflip > 0 else [])
+        super().__init__(steps, mean, std, layout)  # `pipeline` shows the steps; `_spatial` runs them
+
+    def _spatial(self, video: tv_tensors.Video, generator: torch.Generator | None) -> torch.Tensor:
+        # the steps by hand, so that every draw comes from `generator` (torchvision's v2 transforms take none)
+        out = _crop_resize(video, self.crop.draw(*F.get_size(video), generator), self.crop.size)
+        if self.hflip > 0 and float(torch.rand((), generator=generator)) < self.hflip:
+            out = F.horizontal_flip(out)
+        return out
 
 
 class EvalPreset(_Preset):

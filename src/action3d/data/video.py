@@ -5,6 +5,7 @@ Frames are uint8 numpy arrays [T, H, W, 3] (RGB) throughout, the layout PyAV and
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 from dataclasses import dataclass
@@ -32,6 +33,27 @@ def atomic_path(path: Path) -> Path:
     return Path(tmp)
 
 
+_X264_AVX512 = {"avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"}  # what x264 needs for its AVX-512 code
+_X264_AVX2 = {"avx", "avx2", "fma", "abm", "bmi1", "bmi2"}  # x264's "AVX2" level (abm = lzcnt)
+
+
+@functools.lru_cache(maxsize=1)
+def x264_asm_params() -> str:
+    """Extra x264-params that keep x264 off its AVX-512 code: ":asm=AVX2" on a CPU with AVX-512, else "".
+
+    With AVX-512 (x264 core 165 as bundled with PyAV 18), macroblock-tree rate control reads stale heap memory, so
+    the same frames encode to different bytes depending on what the process allocated before (measured: the
+    output changes with MALLOC_PERTURB_; with asm=AVX2 or mbtree=0 it does not). x264's SIMD paths are bit-exact
+    with each other otherwise, so AVX2 writes the bytes that machines without AVX-512 write.
+    """
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:  # not Linux: no CPU flags to read; x264 detects its own
+        return ""
+    return ":asm=AVX2" if _X264_AVX512 <= flags and _X264_AVX2 <= flags else ""
+
+
 def write_video(
     path: str | Path,
     frames: Iterable[np.ndarray],
@@ -46,7 +68,8 @@ def write_video(
 
     `gop` is the keyframe spacing in frames: 250 with scene cuts off mimics downloaded web video (a random seek
     decodes from the last keyframe). One encoder thread: callers parallelise over files, and one thread keeps
-    the output bit-identical from run to run. Width and height must be even (yuv420p).
+    the output bit-identical from run to run, as does keeping x264 off AVX-512 (`x264_asm_params`). Width and
+    height must be even (yuv420p).
     """
     import av
 
@@ -67,7 +90,7 @@ def write_video(
             ctx.options = {
                 "preset": preset,
                 "crf": str(crf),
-                "x264-params": f"keyint={gop}:min-keyint={gop}:scenecut=0",
+                "x264-params": f"keyint={gop}:min-keyint={gop}:scenecut=0" + x264_asm_params(),
             }
             opened = False
             for array in frames:
@@ -135,6 +158,17 @@ class ProbeResult:
         return self.error is None
 
 
+def stated_frames(container, stream, fps: float) -> int:
+    """The frame count an open PyAV container states for `stream`: its own count when the container keeps one
+    (MP4, AVI), else the stream's duration x `fps`, else the container's (Matroska); 0 when it states none."""
+    frames = int(stream.frames or 0)
+    if frames == 0 and stream.duration and stream.time_base and fps:
+        frames = int(round(float(stream.duration * stream.time_base) * fps))
+    if frames == 0 and container.duration and fps:
+        frames = int(round(container.duration / 1e6 * fps))
+    return frames
+
+
 def probe_video(path: str | Path, *, decode: bool = True) -> ProbeResult:
     """Open `path`, read its stream header and (with `decode`) decode its first frame. Never raises.
 
@@ -151,11 +185,7 @@ def probe_video(path: str | Path, *, decode: bool = True) -> ProbeResult:
                 return ProbeResult(str(path), error="no video stream")
             stream = container.streams.video[0]
             fps = float(stream.average_rate or stream.guessed_rate or 0)
-            frames = int(stream.frames or 0)
-            if frames == 0 and stream.duration and stream.time_base and fps:
-                frames = int(round(float(stream.duration * stream.time_base) * fps))
-            if frames == 0 and container.duration and fps:
-                frames = int(round(container.duration / 1e6 * fps))
+            frames = stated_frames(container, stream, fps)
             width, height = stream.codec_context.width, stream.codec_context.height
             if decode:
                 first = next(container.decode(stream), None)

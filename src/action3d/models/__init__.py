@@ -4,36 +4,20 @@
     model = create_model("resnet18", n_classes=101)
 
 Importing this package registers every family (resnet, preact_resnet,
-wide_resnet, resnext, densenet, r2plus1d).
+wide_resnet, resnext, densenet, r2plus1d), and imports torch alone.
+Checkpoints (reading, writing, `load_pretrained`, `model_from_checkpoint`)
+live in `action3d.checkpoint`; the fine-tuning steps on a built model
+(`freeze_before`, `replace_classifier`) in `action3d.models.transfer`.
 """
 
 from . import densenet, preact_resnet, r2plus1d, resnet, resnext, wide_resnet  # noqa: F401  (registers models)
-from .checkpoint import (
-    CheckpointMismatchError,
-    LoadedCheckpoint,
-    checkpoint_state,
-    freeze_before,
-    load_pretrained,
-    model_from_checkpoint,
-    read_checkpoint,
-    replace_classifier,
-    save_checkpoint,
-)
-from .registry import create_model, is_model, list_models, model_family, register_model
+from .registry import classifier_name, create_model, is_model, list_models, model_family, register_model
 
 __all__ = [
-    "CheckpointMismatchError",
-    "LoadedCheckpoint",
-    "checkpoint_state",
+    "classifier_name",
     "create_model",
-    "freeze_before",
     "is_model",
     "list_models",
-    "load_pretrained",
     "model_family",
-    "model_from_checkpoint",
-    "read_checkpoint",
     "register_model",
-    "replace_classifier",
-    "save_checkpoint",
 ]

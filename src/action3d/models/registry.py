@@ -8,7 +8,9 @@
 
 A model built by `create_model` remembers what rebuilds it: `model.arch` (the
 registry name) and `model.model_kwargs` (the keyword arguments that were given,
-``None`` values dropped). Checkpoints store both (see `checkpoint.py`).
+``None`` values dropped). Checkpoints store both (see `action3d.checkpoint`).
+Every family names its classifier module in the class attribute
+`classifier_name` ("fc", or "classifier" for DenseNet): `classifier_name(model)`.
 """
 
 from __future__ import annotations
@@ -74,3 +76,14 @@ def create_model(name: str, **kwargs) -> nn.Module:
     model.arch = name
     model.model_kwargs = dict(kwargs)
     return model
+
+
+def classifier_name(model: nn.Module) -> str:
+    """The attribute name of the model's classifier ("fc", "classifier"): the head that transfer learning swaps."""
+    name = getattr(model, "classifier_name", None)
+    if name is None:
+        raise TypeError(
+            f"{type(model).__name__} has no `classifier_name` attribute naming its classifier module; "
+            f"models built by action3d.models.create_model have one"
+        )
+    return name

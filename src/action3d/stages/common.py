@@ -36,6 +36,54 @@ def tracking_uri() -> str:
     return resolve_tracking_uri(project_root() / "mlflow.db")
 
 
+# Query parameters whose values are credentials in the URIs of the stores MLflow and SQLAlchemy accept.
+_SECRET_QUERY = ("password", "passwd", "pwd", "secret", "token", "key", "credential", "signature", "auth")
+
+
+def shareable_uri(uri: str, root: str | Path | None = None) -> str:
+    """`uri` as a file under git may hold it: no credential, no absolute path of this machine.
+
+    A password in the userinfo and the value of a secret-looking query parameter become `***`
+    (`postgresql://user:***@host/db`). A local store (`sqlite:///<path>`, `file://<path>` or a bare path) is
+    written relative to `root`, the project root by default (`sqlite:///mlflow.db`): what `tracking_uri()`
+    resolves from that root. The result is a record, not an address: read the store through `tracking_uri()`.
+    """
+    from urllib.parse import urlsplit, urlunsplit
+
+    root = Path(root) if root is not None else project_root()
+    scheme, sep, rest = uri.partition(":")
+    if not sep or len(scheme) == 1:  # a bare path (a Windows drive letter is not a scheme)
+        return _relative(uri, root)
+    if scheme.startswith("sqlite") and rest.startswith("///"):
+        path, qmark, query = rest[3:].partition("?")
+        path = path if path == ":memory:" or not path else _relative(path, root)
+        return f"{scheme}:///{path}{qmark}{_redact_query(query)}"
+    if scheme == "file":
+        return _relative(urlsplit(uri).path, root)
+    parts = urlsplit(uri)
+    netloc = parts.netloc
+    if parts.password is not None:
+        userinfo, _, host = netloc.rpartition("@")
+        netloc = f"{userinfo.partition(':')[0]}:***@{host}"
+    return urlunsplit(parts._replace(netloc=netloc, query=_redact_query(parts.query)))
+
+
+def _redact_query(query: str) -> str:
+    from urllib.parse import parse_qsl, urlencode
+
+    if not query:
+        return query
+    pairs = parse_qsl(query, keep_blank_values=True)
+    return urlencode([(k, "***" if any(s in k.lower() for s in _SECRET_QUERY) else v) for k, v in pairs], safe="*/")
+
+
+def _relative(path: str, root: Path) -> str:
+    """`path` relative to `root` (with `..` when it lies outside), as a POSIX path."""
+    if not os.path.isabs(path):
+        return Path(path).as_posix()
+    return Path(os.path.relpath(path, root.resolve())).as_posix()
+
+
 def pick_device(name: str):
     """'auto' = CUDA when present (the local rank's GPU under torchrun), else the CPU; anything else as given."""
     import torch

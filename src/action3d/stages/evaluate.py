@@ -2,7 +2,8 @@
 
 Every non-overlapping T-frame window of every test video is scored; a video's class is the argmax of its clips'
 mean softmax. With `evaluate.time_shuffle_control`, the same clips are scored again with their frames shuffled
-in time: a model that uses motion drops to near chance there, one that reads single frames does not.
+in time: a model that uses motion drops to near chance there, one that reads single frames does not. The model's
+training videos are scored too (`train_video_top1`): how well it fits the set it was trained on.
 
 Writes into `out_dir`: metrics.json (DVC metrics), per_class.csv, predictions.csv (video, actual, predicted: DVC's
 confusion plot), confusion.png; and the same to an MLflow run, a child of the training run.
@@ -47,17 +48,16 @@ def plot_confusion(matrix: np.ndarray, classes: list[str], path: Path, title: st
     tmp.replace(path)
 
 
-def run(
-    params: Params, *, model_path: str | Path, manifests_dir: str | Path, cache_dir: str | Path,
-    out_dir: str | Path, subset: str = "test",
-) -> dict:
-    from action3d.data import make_eval_loader, read_classes, read_manifest
-    from action3d.models import model_from_checkpoint
+def score(params: Params, *, model_path: str | Path, manifest: str | Path, cache_dir: str | Path,
+          control: bool = True) -> tuple[dict, dict]:
+    """The video-level test of checkpoint `model_path` on `manifest` (classes.json beside it): (metrics, the
+    engine's full result). The one measurement of a model: this stage writes it out, and the register stage
+    re-scores a champion with it when the test split changed. `control=False` skips the time-shuffled control."""
+    from action3d.data import make_eval_loader, read_classes
+    from action3d.checkpoint import model_from_checkpoint
 
-    manifests_dir, out_dir, model_path = Path(manifests_dir), Path(out_dir), Path(model_path)
-    classes = read_classes(manifests_dir / "classes.json")
-    manifest = manifests_dir / f"{subset}.csv"
-    rows = read_manifest(manifest)
+    manifest, model_path = Path(manifest), Path(model_path)
+    classes = read_classes(manifest.parent / "classes.json")
     train = params.finetune  # the speed knobs of the model being evaluated
     device = pick_device(train.device)
     cfg = params.evaluate
@@ -78,9 +78,29 @@ def run(
         "mean_class_accuracy": result["mean_class_accuracy"], "loss": result["loss"],
         "videos": result["videos"], "clips": result["clips"], "chance": 1.0 / len(classes),
     }
-    if cfg.time_shuffle_control:
+    if control and cfg.time_shuffle_control:
         shuffled = engine.evaluate(model, criterion, loader(True), device, **speed)
         metrics["time_shuffled_video_top1"] = shuffled["video_top1"]
+    return metrics, result
+
+
+def run(
+    params: Params, *, model_path: str | Path, manifests_dir: str | Path, cache_dir: str | Path,
+    out_dir: str | Path, subset: str = "test",
+) -> dict:
+    from action3d.data import read_classes, read_manifest
+
+    manifests_dir, out_dir, model_path = Path(manifests_dir), Path(out_dir), Path(model_path)
+    classes = read_classes(manifests_dir / "classes.json")
+    manifest = manifests_dir / f"{subset}.csv"
+    rows = read_manifest(manifest)
+    metrics, result = score(params, model_path=model_path, manifest=manifest, cache_dir=cache_dir)
+    train_csv = manifests_dir / "train.csv"
+    if subset != "train" and train_csv.is_file():
+        # how well the model fits its own training videos, scored the same way: a baseline that does not fit them
+        # was not trained properly, and a gain over it says little
+        fit, _ = score(params, model_path=model_path, manifest=train_csv, cache_dir=cache_dir, control=False)
+        metrics["train_video_top1"] = fit["video_top1"]
 
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "metrics.json", metrics)

@@ -3,8 +3,8 @@
 `finetune.init` says where the weights come from:
     pretrain    this pipeline's pretraining checkpoint (`--pretrained`, the paper's transfer)
     checkpoint  a 3D-ResNets-PyTorch file (`finetune.checkpoint`), into the model `model` names
-    scratch     random weights, every layer trained with the from-scratch optimiser of `pretrain` (lr 0.1, weight
-                decay 1e-3) for `finetune.epochs`: the baseline that shows what pretraining is worth
+    scratch     random weights, every layer trained with these knobs (the pipeline's baseline is its own stage,
+                `scratch`, with knobs of its own)
 """
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ from action3d.errors import Action3dError
 def build_model(params: Params, n_classes: int, pretrained: str | Path | None):
     """The model to fine-tune and its trainable parameters, by `finetune.init`. Seeded: same params, same model."""
     from action3d.engine import seed_everything
-    from action3d.models import create_model, freeze_before, load_pretrained, model_from_checkpoint
+    from action3d.checkpoint import load_pretrained, model_from_checkpoint
+    from action3d.models import create_model
+    from action3d.models.transfer import freeze_before
 
     seed_everything(params.seed)  # random weights (scratch) and the new head are part of the run
     ft = params.finetune
@@ -58,7 +60,6 @@ def run(
     elif ft.init == "checkpoint":
         inputs["pretrained"] = Path(ft.checkpoint)
     return train_stage(
-        params, stage="finetune" if ft.init != "scratch" else "scratch", model=model, trainable=trainable,
-        train_cfg=ft, optimizer_cfg=params.pretrain if ft.init == "scratch" else ft, manifests_dir=manifests_dir,
+        params, stage="finetune", model=model, trainable=trainable, train_cfg=ft, manifests_dir=manifests_dir,
         cache_dir=cache_dir, out_dir=out_dir, inputs=inputs, parent_run_id=parent, tags={"init": ft.init},
     )  # fmt: skip

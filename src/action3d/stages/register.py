@@ -1,7 +1,12 @@
 """Stage register: the fine-tuned model becomes a version of the registered model `registry.model_name`.
 
 The alias `champion` moves to it only when it beats the champion on the same test split (same data digest);
-otherwise it is the `challenger`. Registering the same run twice creates nothing.
+otherwise it is the `challenger`. When the champion was measured on another test split, it is re-scored on this
+one first, with the evaluate stage's own scoring (`evaluate.score`) of its training run's checkpoint: hence the
+test manifests (beside `test_manifest`) and the cache among the inputs. Registering the same run twice creates
+nothing; two registrations at once end with one champion, the better (see tracking.register_model).
+
+registration.json holds the tracking store as `shareable_uri` writes it: no absolute path, no password.
 """
 
 from __future__ import annotations
@@ -10,11 +15,11 @@ import dataclasses
 from pathlib import Path
 
 from action3d.config import Params
-from action3d.stages.common import read_json, tracking_uri, write_json
+from action3d.stages.common import read_json, shareable_uri, tracking_uri, write_json
 
 
 def run(params: Params, *, train_dir: str | Path, metrics_path: str | Path, test_manifest: str | Path,
-        out_path: str | Path) -> dict:
+        cache_dir: str | Path, out_path: str | Path) -> dict:
     from action3d.storage import file_md5
     from action3d.tracking import register_model
 
@@ -26,12 +31,19 @@ def run(params: Params, *, train_dir: str | Path, metrics_path: str | Path, test
 
         raise Action3dError(f"registry.metric '{params.registry.metric}' is not in {metrics_path}; "
                             f"choose one of {', '.join(sorted(scores))}")
+
+    def rescore(checkpoint: Path) -> dict:
+        from action3d.stages.evaluate import score
+
+        print(f"re-scoring the champion of {params.registry.model_name} on {test_manifest}", flush=True)
+        return score(params, model_path=checkpoint, manifest=test_manifest, cache_dir=cache_dir)[0]
+
     registration = register_model(
         train_run["run_id"], params.registry.model_name, metrics=scores, data_digest=file_md5(test_manifest),
-        metric_key=params.registry.metric, tracking_uri=tracking_uri(),
+        metric_key=params.registry.metric, tracking_uri=tracking_uri(), rescore=rescore,
     )  # fmt: skip
     record = {**dataclasses.asdict(registration), "run_id": train_run["run_id"], "model_uri":
-              f"models:/{registration.name}/{registration.version}", "tracking_uri": tracking_uri(),
+              f"models:/{registration.name}/{registration.version}", "tracking_uri": shareable_uri(tracking_uri()),
               params.registry.metric: scores[params.registry.metric]}
     write_json(out_path, record)
     print(f"registered {registration.name} version {registration.version} "

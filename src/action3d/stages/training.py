@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from action3d import engine
+from action3d.checkpoint import copy_checkpoint, model_from_checkpoint
 from action3d.config import Params, Train
 from action3d.data import make_eval_loader, make_train_loader, read_manifest
 from action3d.distributed import init_distributed
@@ -42,7 +43,6 @@ def train_stage(
     model: nn.Module,
     trainable: list[nn.Parameter] | None,
     train_cfg: Train,
-    optimizer_cfg: Train,
     manifests_dir: str | Path,
     cache_dir: str | Path,
     out_dir: str | Path,
@@ -52,21 +52,21 @@ def train_stage(
 ) -> dict[str, Any]:
     """Train `model` (built by the caller: fresh, pretrained, frozen in part) on `manifests_dir/train.csv`.
 
-    `train_cfg` gives epochs, batch, schedule and speed knobs; `optimizer_cfg` the SGD knobs (lr, momentum,
-    dampening, weight decay, Nesterov): the same section, except for the from-scratch baseline. `inputs` are
-    files whose content the run depends on (a pretrained checkpoint): part of the resume key and the lineage.
-    Returns the stage's metrics: best validation video accuracy, its epoch, the epochs run.
+    `train_cfg` is the stage's section of params.yaml (pretrain, finetune or scratch): epochs, batch, optimiser,
+    schedule and speed knobs. `inputs` are files whose content the run depends on (a pretrained checkpoint): part
+    of the resume key and the lineage. Returns the stage's metrics: best validation video accuracy and its epoch,
+    the last epoch's training loss and accuracy (a baseline that never fits its training set is no baseline), the
+    epochs run and how many were found done.
     """
     info = init_distributed()
     device = pick_device(train_cfg.device)
-    generator_seed = params.seed + info.rank  # each rank draws its own clips and crops
-    engine.seed_everything(generator_seed)
+    engine.seed_everything(params.seed + info.rank)  # the ranks' own draws (dropout) differ
     manifests_dir, cache_dir, out_dir = Path(manifests_dir), Path(cache_dir), Path(out_dir)
     train_csv, val_csv = manifests_dir / "train.csv", manifests_dir / "val.csv"
 
     loader_args = dict(clip_frames=params.clip.frames, crop_size=params.clip.crop_size, stride=params.clip.stride,
                        workers=train_cfg.workers)
-    train_loader = make_train_loader(train_csv, cache_dir, batch_size=train_cfg.batch_size, seed=generator_seed,
+    train_loader = make_train_loader(train_csv, cache_dir, batch_size=train_cfg.batch_size, seed=params.seed,
                                      scales=params.augment.scales, hflip=params.augment.hflip, **loader_args)
     val_loader = None
     if _has_rows(val_csv):
@@ -75,20 +75,23 @@ def train_stage(
     arch, model_kwargs = model.arch, dict(model.model_kwargs)
     model = engine.prepare_model(model, device, channels_last=train_cfg.channels_last, compile=train_cfg.compile)
     optimizer = engine.build_optimizer(
-        trainable if trainable is not None else model.parameters(), lr=optimizer_cfg.lr,
-        momentum=optimizer_cfg.momentum, dampening=optimizer_cfg.dampening,
-        weight_decay=optimizer_cfg.weight_decay, nesterov=optimizer_cfg.nesterov,
+        trainable if trainable is not None else model.parameters(), lr=train_cfg.lr, momentum=train_cfg.momentum,
+        dampening=train_cfg.dampening, weight_decay=train_cfg.weight_decay, nesterov=train_cfg.nesterov,
     )  # fmt: skip
     scheduler = engine.build_scheduler(
         optimizer, name=train_cfg.scheduler, epochs=train_cfg.epochs, patience=train_cfg.plateau_patience,
         milestones=train_cfg.milestones, warmup_epochs=train_cfg.warmup_epochs,
     )  # fmt: skip
 
-    # Resume only what the same knobs on the same inputs started; anything else starts afresh.
+    # Resume only what the same knobs on the same inputs started; anything else starts afresh. The key covers every
+    # knob the result depends on and the content of every input: manifests, the frame cache (its index lists each
+    # pack's frames and bytes; the cache knobs too), a pretrained checkpoint, and the number of processes.
     input_md5 = {name: file_md5(path) for name, path in {"train": train_csv, **(inputs or {})}.items()}
+    if val_loader is not None:
+        input_md5["val"] = file_md5(val_csv)
     key = digest(stage, params.seed, arch, model_kwargs, params.clip.model_dump(), params.augment.model_dump(),
-                 train_cfg.model_dump(exclude={"workers", "device"}), optimizer_cfg.model_dump(), input_md5,
-                 info.world_size)
+                 params.cache.model_dump(), train_cfg.model_dump(exclude={"workers", "device"}), input_md5,
+                 _cache_digest(cache_dir), info.world_size)
     checkpoint_dir = out_dir / "checkpoints" / key
     if info.is_main:
         for stale in (out_dir / "checkpoints").glob("*"):
@@ -99,7 +102,7 @@ def train_stage(
     run_id_file = checkpoint_dir / "mlflow_run_id"
     tracked = _tracked_run(
         params, stage=stage, run_id_file=run_id_file, parent_run_id=parent_run_id, tags=tags,
-        digests={"train": input_md5["train"], **({"val": file_md5(val_csv)} if val_loader else {})},
+        digests={k: v for k, v in input_md5.items() if k in ("train", "val")},
     ) if info.is_main else contextlib.nullcontext()  # fmt: skip
 
     with tracked as run:
@@ -125,23 +128,26 @@ def train_stage(
             autocast_dtype=torch.bfloat16 if train_cfg.bf16 else None, channels_last=train_cfg.channels_last,
             grad_clip=train_cfg.grad_clip, monitor=monitor, on_epoch_end=on_epoch_end,
         )  # fmt: skip
+        last = result["history"][-1]
         metrics = {"best_epoch": result["best_epoch"], f"best_{monitor}": result["best_metric"],
+                   "final_train_loss": last["train_loss"], "final_train_top1": last["train_top1"],
                    "epochs": len(result["history"]), "epochs_resumed": result["epochs_resumed"]}
         if run is None:
             return metrics
 
         best = result["best_checkpoint"] or result["last_checkpoint"]
-        engine.copy_checkpoint(best, out_dir / "model.pt")  # DVC's output
+        copy_checkpoint(best, out_dir / "model.pt")  # DVC's output
         write_history(out_dir / "history.csv", result["history"])
         run.log_metrics(metrics)
         run.log_artifact(out_dir / "model.pt", "checkpoint")
         run.log_artifact(manifests_dir / "classes.json")
-        from action3d.models import model_from_checkpoint
-
         example = torch.zeros(2, 3, params.clip.frames, params.clip.crop_size, params.clip.crop_size)
         model_uri = run.log_model(model_from_checkpoint(out_dir / "model.pt"), example,
                                   metadata={"arch": arch, "model_kwargs": model_kwargs})
-        write_json(out_dir / "run.json", {"run_id": run.run_id, "model_uri": model_uri, "tracking_uri": run.tracking_uri,
+        from action3d.stages.common import shareable_uri  # a tracked file: no machine path, no password
+
+        write_json(out_dir / "run.json", {"run_id": run.run_id, "model_uri": model_uri,
+                                          "tracking_uri": shareable_uri(run.tracking_uri),
                                           "experiment": params.tracking.experiment, **metrics})
         return metrics
 
@@ -149,12 +155,39 @@ def train_stage(
 def _tracked_run(params: Params, *, stage: str, run_id_file: Path, parent_run_id, tags, digests):
     from action3d.tracking import start_stage_run
 
+    from action3d.tracking import reusable_run
+
+    # A resumed stage continues its MLflow run only where that run is in this store with the very same params
+    # (MLflow's params are write-once); otherwise the resumed training is logged as a new run.
     resumed = run_id_file.read_text().strip() if run_id_file.is_file() else None
+    if resumed and not reusable_run(resumed, tracking_uri=tracking_uri(), params=params.flat()):
+        resumed = None
     return start_stage_run(
         stage, experiment=params.tracking.experiment, tracking_uri=tracking_uri(), params=params.flat(),
         params_hash=params.digest(), parent_run_id=parent_run_id, data_digests=digests, tags=tags,
         repo_dir=project_root(), run_id=resumed,
     )  # fmt: skip
+
+
+def _cache_digest(cache_dir: Path) -> str | None:
+    """The frame cache's content, cheaply: its index.csv names every pack with its frames, size and bytes."""
+    from action3d.data.cache import INDEX
+
+    index = cache_dir / INDEX
+    return file_md5(index) if index.is_file() else None
+
+
+def train_from_scratch(params: Params, *, stage: str, train_cfg: Train, manifests_dir: str | Path,
+                       cache_dir: str | Path, out_dir: str | Path, tags: dict[str, Any] | None = None) -> dict:
+    """The network of `model` from seeded random weights, every layer trained with `train_cfg` (pretrain, scratch)."""
+    from action3d.data import read_classes
+    from action3d.models import create_model
+
+    classes = read_classes(Path(manifests_dir) / "classes.json")
+    engine.seed_everything(params.seed)  # the initial weights are part of the run: same seed, same model
+    model = create_model(params.model.name, n_classes=len(classes), **params.model.kwargs)
+    return train_stage(params, stage=stage, model=model, trainable=None, train_cfg=train_cfg,
+                       manifests_dir=manifests_dir, cache_dir=cache_dir, out_dir=out_dir, tags=tags)
 
 
 def _checkpoint_mirror(params: Params, stage: str, checkpoint_dir: Path):
