@@ -19,7 +19,7 @@ def test_a_changed_test_split_rescores_the_champion_and_runs_hold_no_machine_pat
     from mlflow import MlflowClient
 
     from action3d.stages.common import tracking_uri
-    from action3d.storage import file_md5
+    from action3d.stages.register import test_data_digest
 
     params = load_params(ROOT / "params.yaml", [*TINY, "finetune.init=scratch"])
     splits, cache = workdir / "data/splits/finetune", workdir / "data/cache/finetune"
@@ -38,13 +38,13 @@ def test_a_changed_test_split_rescores_the_champion_and_runs_hold_no_machine_pat
     train_and_evaluate("first", params)
     first = register_("first")
     assert (first["version"], first["alias"], first["created"]) == ("1", "champion", True)
-    old_digest = file_md5(test_csv)
+    old_digest = test_data_digest(test_csv, cache)
 
     # the test split changes (a video leaves it); a second model is trained and measured on the new split
     lines = test_csv.read_text().splitlines(keepends=True)
     assert len(lines) >= 3, "the tiny test split needs two videos or more"
     test_csv.write_text("".join(lines[:-1]))
-    new_digest = file_md5(test_csv)
+    new_digest = test_data_digest(test_csv, cache)
     second_metrics = train_and_evaluate("second", load_params(ROOT / "params.yaml",
                                                                [*TINY, "finetune.init=scratch", "seed=1"]))
     # what the first model scores on the new split, measured here by the evaluate stage itself
@@ -74,3 +74,13 @@ def test_a_changed_test_split_rescores_the_champion_and_runs_hold_no_machine_pat
     assert any(p.name == "registration.json" for p in written) and any(p.name == "run.json" for p in written)
     leaks = [str(p.relative_to(workdir)) for p in written if any(m in p.read_bytes() for m in machine_paths)]
     assert leaks == []
+
+
+def test_the_test_data_digest_changes_with_the_frames_not_only_the_split_file(workdir):
+    from action3d.stages.register import test_data_digest
+
+    splits, cache = workdir / "data/splits/finetune", workdir / "data/cache/finetune"
+    before = test_data_digest(splits / "test.csv", cache)
+    assert test_data_digest(splits / "test.csv", cache) == before
+    (cache / "index.csv").write_text((cache / "index.csv").read_text().replace(",", ";", 1))  # other frames
+    assert test_data_digest(splits / "test.csv", cache) != before

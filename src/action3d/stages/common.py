@@ -126,6 +126,15 @@ def read_json(path: str | Path, what: str) -> Any:
     return json.loads(path.read_text())
 
 
+def cache_digest(cache_dir: str | Path) -> str | None:
+    """The frame cache's content, cheaply: its index.csv names every pack with its frames, size and bytes."""
+    from action3d.data.cache import INDEX
+    from action3d.storage import file_md5
+
+    index = Path(cache_dir) / INDEX
+    return file_md5(index) if index.is_file() else None
+
+
 def digest(*parts: Any) -> str:
     """A short stable hash of JSON-able parts (knobs, input file hashes)."""
     blob = json.dumps(parts, sort_keys=True, default=str).encode()

@@ -1,6 +1,6 @@
 """Stage register: the fine-tuned model becomes a version of the registered model `registry.model_name`.
 
-The alias `champion` moves to it only when it beats the champion on the same test split (same data digest);
+The alias `champion` moves to it only when it beats the champion on the same test data (same `test_data_digest`);
 otherwise it is the `challenger`. When the champion was measured on another test split, it is re-scored on this
 one first, with the evaluate stage's own scoring (`evaluate.score`) of its training run's checkpoint: hence the
 test manifests (beside `test_manifest`) and the cache among the inputs. Registering the same run twice creates
@@ -15,12 +15,19 @@ import dataclasses
 from pathlib import Path
 
 from action3d.config import Params
-from action3d.stages.common import read_json, shareable_uri, tracking_uri, write_json
+from action3d.stages.common import cache_digest, digest, read_json, shareable_uri, tracking_uri, write_json
+
+
+def test_data_digest(test_manifest: str | Path, cache_dir: str | Path) -> str:
+    """What a test score was measured on: the test manifest (DVC's md5) and the frames it reads (the cache's
+    index). The same split file over new videos, or the same videos cached anew, is another test set."""
+    from action3d.storage import file_md5
+
+    return digest(file_md5(test_manifest), cache_digest(cache_dir))
 
 
 def run(params: Params, *, train_dir: str | Path, metrics_path: str | Path, test_manifest: str | Path,
         cache_dir: str | Path, out_path: str | Path) -> dict:
-    from action3d.storage import file_md5
     from action3d.tracking import register_model
 
     train_run = read_json(Path(train_dir) / "run.json", "finetune")
@@ -39,7 +46,7 @@ def run(params: Params, *, train_dir: str | Path, metrics_path: str | Path, test
         return score(params, model_path=checkpoint, manifest=test_manifest, cache_dir=cache_dir)[0]
 
     registration = register_model(
-        train_run["run_id"], params.registry.model_name, metrics=scores, data_digest=file_md5(test_manifest),
+        train_run["run_id"], params.registry.model_name, metrics=scores, data_digest=test_data_digest(test_manifest, cache_dir),
         metric_key=params.registry.metric, tracking_uri=tracking_uri(), rescore=rescore,
     )  # fmt: skip
     record = {**dataclasses.asdict(registration), "run_id": train_run["run_id"], "model_uri":

@@ -23,7 +23,7 @@ from action3d.checkpoint import copy_checkpoint, model_from_checkpoint
 from action3d.config import Params, Train
 from action3d.data import make_eval_loader, make_train_loader, read_manifest
 from action3d.distributed import init_distributed
-from action3d.stages.common import digest, pick_device, project_root, tracking_uri, write_csv, write_json
+from action3d.stages.common import cache_digest, digest, pick_device, project_root, tracking_uri, write_csv, write_json
 from action3d.storage import file_md5
 
 
@@ -91,7 +91,7 @@ def train_stage(
         input_md5["val"] = file_md5(val_csv)
     key = digest(stage, params.seed, arch, model_kwargs, params.clip.model_dump(), params.augment.model_dump(),
                  params.cache.model_dump(), train_cfg.model_dump(exclude={"workers", "device"}), input_md5,
-                 _cache_digest(cache_dir), info.world_size)
+                 cache_digest(cache_dir), info.world_size)
     checkpoint_dir = out_dir / "checkpoints" / key
     if info.is_main:
         for stale in (out_dir / "checkpoints").glob("*"):
@@ -167,14 +167,6 @@ def _tracked_run(params: Params, *, stage: str, run_id_file: Path, parent_run_id
         params_hash=params.digest(), parent_run_id=parent_run_id, data_digests=digests, tags=tags,
         repo_dir=project_root(), run_id=resumed,
     )  # fmt: skip
-
-
-def _cache_digest(cache_dir: Path) -> str | None:
-    """The frame cache's content, cheaply: its index.csv names every pack with its frames, size and bytes."""
-    from action3d.data.cache import INDEX
-
-    index = cache_dir / INDEX
-    return file_md5(index) if index.is_file() else None
 
 
 def train_from_scratch(params: Params, *, stage: str, train_cfg: Train, manifests_dir: str | Path,
