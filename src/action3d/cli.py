@@ -35,6 +35,18 @@ def _cmd_models(args: argparse.Namespace) -> None:
 # --- stages: each handler maps arguments onto the stage's run(params, **paths) ---------------------------------
 
 
+def _stage_summary(args):
+    from action3d.stages import summary
+
+    return summary.run(_params(args), finetune_metrics=args.finetune, scratch_metrics=args.scratch, out_path=args.out)
+
+
+def _stage_check(args):
+    from action3d.stages import check
+
+    return check.run(_params(args), out_path=args.out)
+
+
 def _stage_synth(args):
     from action3d.stages import synth
 
@@ -125,6 +137,16 @@ def _add_training_stages(sub) -> None:
             p.add_argument("--pretrained", default=None, help="the pretrain stage's model.pt (finetune.init=pretrain)")
         p.set_defaults(func=func)
 
+    p = sub.add_parser("summary", help="the headline metrics in one file with short keys (dvc exp show)")
+    p.add_argument("--finetune", required=True, help="evaluate@finetune's metrics.json")
+    p.add_argument("--scratch", required=True, help="evaluate@scratch's metrics.json")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_stage_summary)
+
+    p = sub.add_parser("check", help="validate params.yaml before any stage runs (the first stage of dvc.yaml)")
+    p.add_argument("--out", required=True, help="a file whose constant content records that the params are valid")
+    p.set_defaults(func=_stage_check)
+
     p = sub.add_parser("evaluate", help="video-level accuracy of a trained model")
     p.add_argument("--model", required=True)
     p.add_argument("--manifests", required=True)
@@ -184,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--params", default="params.yaml", help="the knobs (default: params.yaml)")
     common.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a knob, e.g. -S finetune.lr=0.01 (repeatable)")
+    common.add_argument("-q", "--quiet", action="store_true",
+                        help="no progress bars and no per-epoch lines: only errors and a stage's final JSON line "
+                             "(bars are drawn only at a terminal anyway)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     models = sub.add_parser("models", help="list every registered 3D CNN with its size and cost")
@@ -223,6 +248,10 @@ def _with(common: argparse.ArgumentParser):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "quiet", False):
+        from action3d.progress import set_quiet
+
+        set_quiet()
     try:
         result = args.func(args)
     except KeyboardInterrupt:

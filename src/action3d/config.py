@@ -240,11 +240,15 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
     node[leaf] = yaml.safe_load(text)
 
 
-def load_params(path: str | Path = "params.yaml", overrides: list[str] | tuple[str, ...] = ()) -> Params:
-    """Read params.yaml (missing file = all defaults), apply overrides, validate. Unknown keys are errors."""
-    path = Path(path)
+def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | tuple[str, ...] = ()) -> Params:
+    """Read params.yaml (None = the built-in defaults), apply overrides, validate. Unknown keys and a missing
+    file are errors: running on defaults nobody chose is worse than stopping."""
     raw: dict[str, Any] = {}
-    if path.exists():
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ParamsError(f"{path}: no such params file. Run from the project folder (where params.yaml is), "
+                              "or pass --params PATH")
         try:
             raw = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:
@@ -257,7 +261,7 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str] | tuple[s
     try:
         return Params.model_validate(raw)
     except ValidationError as err:
-        raise ParamsError(_explain(err, str(path))) from None
+        raise ParamsError(_explain(err, str(path or "defaults"))) from None
 
 
 def _explain(err: ValidationError, source: str) -> str:

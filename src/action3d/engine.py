@@ -26,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from action3d import distributed as dist
+from action3d.progress import show_bars
 from action3d.checkpoint import (
     CheckpointError,
     copy_checkpoint,
@@ -251,7 +252,7 @@ def train_one_epoch(
     model.train()
     _set_epoch(data_loader, epoch)
     loss_sum, correct, seen, lr = 0.0, 0, 0, float(optimizer.param_groups[0]["lr"])
-    bar = tqdm(data_loader, desc=f"epoch {epoch} train", leave=False, disable=not (progress and dist.is_main_process()))
+    bar = tqdm(data_loader, desc=f"epoch {epoch} train", leave=False, disable=not (show_bars(progress) and dist.is_main_process()))
     start = time.perf_counter()
     for step, batch in enumerate(bar):
         video, label = _unpack(batch, device, channels_last)
@@ -321,7 +322,8 @@ def evaluate(
     model = _without_ddp(model)  # no DDP buffer broadcasts: ranks may hold different numbers of batches
     model.eval()
     loss_sum, correct, probs, indices, labels = 0.0, 0, [], [], []
-    bar = tqdm(data_loader, desc="evaluate", leave=False, disable=not (progress and dist.is_main_process()))
+    bar = tqdm(data_loader, desc="evaluate", leave=False,
+               disable=not (show_bars(progress) and dist.is_main_process()))
     for batch in bar:
         video, label = _unpack(batch, device, channels_last)
         if "video_index" not in batch:

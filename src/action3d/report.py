@@ -45,11 +45,9 @@ def report(runs: Path) -> str:
             verdict = ("it fits them: a fair baseline" if fit >= FITS else
                        "it does not fit them: tune the scratch knobs before trusting the gain")
             lines.append(f"                                its training videos {_pct(fit)} ({verdict})")
-    if registration is not None:
-        lines += ["", f"  registered model  {registration['name']} version {registration['version']}, alias "
-                      f"{registration['alias'] or '(none)'}: {registration['reason']}",
-                  f"                    load it with mlflow.pyfunc.load_model('models:/{registration['name']}@champion')"]
     uri = shareable_uri(tracking_uri())  # printed, so no password; a sqlite path relative to the project root
+    if registration is not None:
+        lines += ["", *_registry_lines(registration, uri)]
     ui = (f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite:") else f"open {uri}")
     lines += [
         "",
@@ -61,3 +59,37 @@ def report(runs: Path) -> str:
         "                                    every run, its params, curves and lineage; the model registry",
     ]
     return "\n".join(lines)
+
+
+_PAD = " " * 20
+
+
+def _registry_lines(registration: dict, shown_uri: str) -> list[str]:
+    """What this workspace registered (runs/register/registration.json: the last `dvc repro` here) against what the
+    registry's aliases point at now: queued experiments and other machines register into the same model."""
+    name, mine = registration["name"], str(registration["version"])
+    then = registration.get("alias") or "no alias"
+    lines = [f"  registered model  {name}: this workspace's run made version {mine} "
+             f"(at registration: {then}: {registration['reason']})"]
+    try:
+        from action3d.tracking import read_aliases
+
+        aliases = read_aliases(name, tracking_uri=tracking_uri())
+    except Exception as err:  # noqa: BLE001 - unreachable server, missing database: the report still stands
+        lines.append(f"  registry now      cannot be read from {shown_uri} ({type(err).__name__}): the aliases "
+                     f"may have moved since")
+        aliases = None
+    if aliases == {}:
+        lines.append(f"  registry now      {name} has no champion or challenger in {shown_uri}")
+    elif aliases:
+        now = next((alias for alias, held in aliases.items() if held.version == mine), None)
+        lines.append(f"  registry now      version {mine} holds {now or 'no alias'}")
+        for alias, held in aliases.items():
+            score = "no score" if held.score is None else f"{held.metric_key} {held.score:.4g}"
+            lines.append(f"{_PAD}{alias} v{held.version}: {score} on test data {(held.data_digest or '?')[:12]}")
+    lines.append(f"  load it with      mlflow.pyfunc.load_model('models:/{name}/{mine}')   (this workspace's version)")
+    champion = aliases.get("champion") if aliases else None
+    which = ("whichever version holds it" if champion is None else
+             "this version, now" if champion.version == mine else f"now v{champion.version}, another model")
+    lines.append(f"{_PAD}mlflow.pyfunc.load_model('models:/{name}@champion')   (the champion: {which})")
+    return lines

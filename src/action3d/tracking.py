@@ -36,7 +36,6 @@ import numpy as np
 import torch
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
-from mlflow.models import infer_signature
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, RESOURCE_DOES_NOT_EXIST, ErrorCode
 from mlflow.tracking import MlflowClient
 
@@ -207,31 +206,32 @@ class StageRun:
         name: str = "model",
         metadata: Mapping[str, Any] | None = None,
     ) -> str:
-        """Log `model` with mlflow.pytorch.log_model (pt2 format) with a signature and an input example; return
-        its `models:/<model_id>` URI.
+        """Log `model` as a plain (pickled) PyTorch model and return its `models:/<model_id>` URI.
 
-        input_example: [B, 3, T, H, W] clips of the shape the model was trained on. Two clips are kept: MLflow
-        marks the batch dimension dynamic only when the example's batch is above 1 (a batch of 1 would freeze it,
-        see NOTES.md), so one clip is repeated to make two, and more are cut to two because the example is stored
-        uncompressed (as JSON twice and inside model.pt2: about 33 MB per 16x112x112 clip). T, H and W stay fixed.
+        It loads back as an ordinary nn.Module (`mlflow.pytorch.load_model`: `.eval()`, any batch size, any clip
+        length T the architecture allows). Its pyfunc (`mlflow.pyfunc.load_model(uri).predict(x)`) is this
+        module's `_ClipPredictor`: x is [B, 3, T, H, W] clips as float32/float64 numpy or a torch tensor, the
+        result the [B, num_classes] logits as float32 numpy. MLflow's own tensor signature would refuse float64
+        and torch tensors (and print the whole tensor when a shape is wrong), so no signature is stored: the
+        clip shape the model was trained on, from `input_example`, is in the model's metadata instead.
         The model is copied to the CPU in float32, contiguous, eval mode; the caller's model is left untouched.
         """
         example = torch.as_tensor(input_example).detach().float().cpu()
-        if example.ndim < 2:
-            raise ValueError(f"input_example needs a batch dimension, got shape {tuple(example.shape)}")
-        example = (example.repeat(2, *[1] * (example.ndim - 1)) if len(example) == 1 else example[:2]).contiguous()
+        if example.ndim != 5:
+            raise ValueError(f"input_example must be clips [B, 3, T, H, W], got shape {tuple(example.shape)}")
         net = copy.deepcopy(unwrap_model(model)).cpu().float().eval().to(memory_format=torch.contiguous_format)
         with torch.no_grad():
-            output = net(example)
-        example_np = example.numpy()
-        signature = infer_signature(example_np, output.numpy())
+            output = net(example[:1].contiguous())
+        meta = {"input": "float32 [B, 3, T, H, W]", "trained_clip": list(example.shape[1:]),
+                "num_classes": int(output.shape[-1]), **(metadata or {})}
         self._ensure_active()
-        info = mlflow.pytorch.log_model(
-            net,
+        info = mlflow.models.Model.log(
             name=name,
-            signature=signature,
-            input_example=example_np,
-            metadata=dict(metadata) if metadata else None,
+            artifact_path=None,
+            flavor=_ClipFlavor,
+            pytorch_model=net,
+            serialization_format="pickle",  # a normal nn.Module; pt2 (torch.export) would fix T and lack .eval()
+            metadata=meta,
             # pinned from the running versions; MLflow's inference would re-import the model in a subprocess (~10 s)
             pip_requirements=mlflow.pytorch.get_default_pip_requirements(),
         )
@@ -243,14 +243,51 @@ class StageRun:
             raise RuntimeError(f"run {self.run_id} is not the active MLflow run: log from inside start_stage_run")
 
 
-def reusable_run(run_id: str, *, tracking_uri: str, params: Mapping[str, Any]) -> bool:
-    """Whether `run_id` exists in the store at `tracking_uri` and logged exactly `params` (flattened as
-    `StageRun.log_params` logs them): only such a run can be reopened, since MLflow's params are write-once."""
+class _ClipFlavor:
+    """mlflow.pytorch's flavor whose pyfunc is `_ClipPredictor` (for `mlflow.models.Model.log`)."""
+
+    __name__ = "pytorch"
+
+    @staticmethod
+    def save_model(path, mlflow_model, **kwargs) -> None:
+        mlflow.pytorch.save_model(path=path, mlflow_model=mlflow_model, **kwargs)
+        mlflow_model.flavors["python_function"]["loader_module"] = _load_pyfunc.__module__
+        mlflow_model.save(os.path.join(path, "MLmodel"))
+
+
+class _ClipPredictor:
+    """The pyfunc of a logged model: [B, 3, T, H, W] clips (float32/float64 numpy or torch) -> logits (numpy)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+
+    def get_raw_model(self) -> torch.nn.Module:
+        return self.model
+
+    def predict(self, data, params: Mapping[str, Any] | None = None) -> np.ndarray:
+        if not isinstance(data, (torch.Tensor, np.ndarray)):
+            raise TypeError(f"predict takes clips as a numpy array or a torch tensor, got {type(data).__name__}")
+        x = torch.as_tensor(data).detach().to("cpu", torch.float32)
+        if x.ndim != 5 or x.shape[1] != 3:
+            raise ValueError(f"predict takes clips of shape [B, 3, T, H, W], got {tuple(x.shape)}")
+        with torch.no_grad():
+            return self.model(x).float().numpy()
+
+
+def _load_pyfunc(path: str, model_config: Mapping[str, Any] | None = None) -> _ClipPredictor:
+    """Called by mlflow.pyfunc.load_model for models logged by `StageRun.log_model` (always on the CPU); `path` is
+    the model's `data` folder (the pyfunc conf's `data`), the MLmodel file is one level up."""
+    root = Path(path) if (Path(path) / "MLmodel").is_file() else Path(path).parent
+    return _ClipPredictor(mlflow.pytorch.load_model(str(root), map_location="cpu").eval())
+
+
+def known_run(run_id: str, *, tracking_uri: str) -> bool:
+    """Whether `run_id` is a run of the store at `tracking_uri` (a resumed stage links its new run to it)."""
     try:
-        logged = MlflowClient(tracking_uri).get_run(run_id).data.params
+        MlflowClient(tracking_uri).get_run(run_id)
     except MlflowException:  # unknown here (another store, a deleted run)
         return False
-    return logged == flatten_params(params)
+    return True
 
 
 @contextlib.contextmanager
@@ -265,25 +302,21 @@ def start_stage_run(
     data_digests: Mapping[str, str] | None = None,
     tags: Mapping[str, Any] | None = None,
     repo_dir: str | Path | None = None,
-    run_id: str | None = None,
 ) -> Iterator[StageRun]:
     """Open an MLflow run named `stage` in `experiment`, log `params` flattened and the lineage tags.
 
     Tags: "stage", "git_commit", "git_dirty" (of `repo_dir`, default the cwd), "params_hash", "parent_run_id"
     (the run that produced this stage's input checkpoint), "data_digest.<name>" for each of `data_digests`, and
-    any `tags`. `run_id` reopens an existing run (a retried or resumed stage) instead of starting a new one. The
-    run ends FINISHED, or FAILED when the block raises. Opened inside another active run (an Optuna study), it
+    any `tags`. Every call starts a new run (a resumed stage links its run to the earlier one by tags). The run
+    ends FINISHED, or FAILED when the block raises. Opened inside another active run (an Optuna study), it
     becomes a nested child run of it.
     """
     mlflow.set_tracking_uri(tracking_uri)  # the fluent API (log_input, log_model) follows the global URI
-    if run_id is not None:
-        start = dict(run_id=run_id)
-    else:
-        start = dict(
-            experiment_id=get_or_create_experiment(experiment, tracking_uri=tracking_uri),
-            run_name=stage,
-            nested=mlflow.active_run() is not None,
-        )
+    start = dict(
+        experiment_id=get_or_create_experiment(experiment, tracking_uri=tracking_uri),
+        run_name=stage,
+        nested=mlflow.active_run() is not None,
+    )
     with mlflow.start_run(**start) as active:
         run = StageRun(active.info.run_id, active.info.experiment_id, tracking_uri)
         run.set_tags(
@@ -436,6 +469,37 @@ def _settle_champion(client: MlflowClient, name: str, digest: str, key: str, hig
                        f"else setting it?")
 
 
+def _alias_version(client: MlflowClient, name: str, alias: str) -> str | None:
+    try:
+        return str(client.get_model_version_by_alias(name, alias).version)
+    except MlflowException as err:
+        if err.error_code in (ErrorCode.Name(RESOURCE_DOES_NOT_EXIST), "NOT_FOUND", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise
+
+
+def _settle_challenger(client: MlflowClient, name: str, digest: str, key: str, higher_is_better: bool, mine: str):
+    """Point `challenger` at the best version scored on `digest` that is not the best of all (the champion), and
+    re-read until a read agrees, as `_settle_champion` does. Returns that runner-up as _ranked gives it, or None
+    when no other version is scored there (a NaN score): then `mine` takes `challenger` when it holds none scored
+    on `digest` (one write: two such versions at once need no agreement on which of them it is)."""
+    for _ in range(_SETTLE_ROUNDS):
+        versions = _versions(client, name)
+        best = _ranked(versions, digest, key, higher_is_better)
+        runner = _ranked(versions, digest, key, higher_is_better, skip=None if best is None else str(best[0].version))
+        current = _alias_version(client, name, CHALLENGER)
+        if runner is None:
+            held = next((v for v in versions if str(v.version) == current), None)
+            if held is None or _score_on(held, digest, key) is None:
+                _retried(lambda: client.set_registered_model_alias(name, CHALLENGER, mine))
+            return None
+        if current == str(runner[0].version):
+            return runner
+        _retried(lambda: client.set_registered_model_alias(name, CHALLENGER, runner[0].version))
+    raise RuntimeError(f"the {CHALLENGER} alias of {name} kept moving over {_SETTLE_ROUNDS} rounds: is something "
+                       f"else setting it?")
+
+
 def _rescore(client: MlflowClient, name: str, version, digest: str, key: str, rescore: Rescore) -> None:
     """Score `version`'s training checkpoint on the current split with `rescore`; tag the version with it."""
     import tempfile
@@ -474,8 +538,10 @@ def register_model(
 
     The version is tagged `metric.<key>` for each of `metrics` (the test metrics), `data_digest` (the test
     split's DVC md5) and `metric_key`. `champion` then goes to the best version scored on this split (strictly
-    better `metric_key` per `higher_is_better`, ties keep the older version); the new version is `challenger`
-    when it is not that. Its tags `promotion` (why), `compared.version`, `compared.<metric_key>` and
+    better `metric_key` per `higher_is_better`, ties keep the older version). When the new version is not that,
+    `challenger` goes to the best of the other versions scored on this split: the new version when it beats the
+    current challenger there (or that one was measured on other data), else the challenger stays and the new
+    version holds no alias (Registration.alias None). Its tags `promotion` (why), `compared.version`, `compared.<metric_key>` and
     `compared.rescored` record what it was compared with.
 
     When the champion was measured on another test split (or lacks `metric_key`), `rescore` scores its training
@@ -527,20 +593,25 @@ def register_model(
     if best is None and _champion(client, name) is None:  # a NaN score, and nothing else to crown
         _retried(lambda: client.set_registered_model_alias(name, CHAMPION, mine))
     won = str(best[0].version) == mine if best is not None else _champion_version(client, name) == mine
-    if not won:
-        _retried(lambda: client.set_registered_model_alias(name, CHALLENGER, mine))
+    alias, runner = CHAMPION, None
+    if not won:  # challenger: the best version on this split that is not the champion (mine or an earlier one)
+        runner = _settle_challenger(client, name, data_digest, metric_key, higher_is_better, mine)
+        alias = CHALLENGER if runner is None or str(runner[0].version) == mine else None
 
     score = float(metrics[metric_key])
     other = _ranked(versions, data_digest, metric_key, higher_is_better, skip=mine) if won else best
     compared = None if other is None else {"version": str(other[0].version), "score": other[1], "rescored": other[2]}
     reason = _reason(metric_key, score, data_digest, won, other, previous)
+    if alias is None:
+        reason += (f", nor challenger v{runner[0].version}'s {runner[1]:.6g}: it keeps no alias "
+                   f"(models:/{name}/{mine} still loads it)")
     version_tags = {"promotion": reason}
     if compared is not None:
         version_tags.update({"compared.version": compared["version"], f"compared.{metric_key}": str(compared["score"]),
                              "compared.rescored": str(compared["rescored"]).lower()})
     for key, value in version_tags.items():
         _retried(lambda: client.set_model_version_tag(name, mine, key, value))
-    return Registration(name, mine, CHAMPION if won else CHALLENGER, True, reason, compared)
+    return Registration(name, mine, alias, True, reason, compared)
 
 
 def _champion_version(client: MlflowClient, name: str) -> str | None:
@@ -566,12 +637,59 @@ def _reason(key: str, score: float, digest: str, won: bool, other, previous) -> 
     return f"{key} {score:.6g} does not beat champion v{version.version}'s {best:.6g} on test split {digest}{how}"
 
 
+@dataclass(frozen=True)
+class AliasedVersion:
+    """A version of a registered model as the registry holds it now (`read_aliases`)."""
+
+    version: str
+    run_id: str | None
+    metric_key: str | None
+    score: float | None  # its test `metric_key` (the tag `metric.<key>`), None when it has none
+    data_digest: str | None  # the test data it was measured on
+
+
+def read_aliases(name: str, *, tracking_uri: str, timeout_s: float = 10) -> dict[str, AliasedVersion]:
+    """The versions that `champion` and `challenger` of `name` point at now, by alias ({} when `name` is not
+    registered or has no alias). Reads only: a sqlite store that does not exist raises FileNotFoundError instead of
+    being created; a server that does not answer within about `timeout_s` raises (MlflowException or OSError)."""
+    db = _sqlite_path(tracking_uri)
+    if db is not None and not Path(str(db).split("?")[0]).is_file():
+        raise FileNotFoundError(f"no tracking database at {db}")
+    quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(int(max(1, timeout_s)))}
+    saved = {k: os.environ.get(k) for k in quick}
+    os.environ.update({k: v for k, v in quick.items() if saved[k] is None})  # the caller's own settings win
+    try:
+        client = MlflowClient(tracking_uri)
+        try:
+            model = client.get_registered_model(name)
+        except MlflowException as err:
+            if err.error_code in (ErrorCode.Name(RESOURCE_DOES_NOT_EXIST), "NOT_FOUND"):
+                return {}
+            raise
+        found = {}
+        for alias in (CHAMPION, CHALLENGER):
+            version = (model.aliases or {}).get(alias)
+            if version is None:
+                continue
+            held = client.get_model_version(name, str(version))
+            key = held.tags.get("metric_key")
+            raw = held.tags.get(f"metric.{key}") if key else None
+            found[alias] = AliasedVersion(str(version), held.run_id, key, None if raw is None else float(raw),
+                                          held.tags.get("data_digest"))
+        return found
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+
+
 def champion_uri(name: str) -> str:
     """`models:/<name>@champion`, for mlflow.pyfunc / mlflow.pytorch loaders or `load_registered_model`."""
     return f"models:/{name}@{CHAMPION}"
 
 
 def load_registered_model(name: str, *, alias: str = CHAMPION, tracking_uri: str) -> torch.nn.Module:
-    """The torch module of `models:/<name>@<alias>` (an exported pt2 graph: call it on [B, 3, T, H, W], any B)."""
+    """The torch module of `models:/<name>@<alias>`, in eval mode: a normal nn.Module, called on [B, 3, T, H, W]
+    (any B, any T the architecture allows)."""
     mlflow.set_tracking_uri(tracking_uri)
-    return mlflow.pytorch.load_model(f"models:/{name}@{alias}")
+    return mlflow.pytorch.load_model(f"models:/{name}@{alias}", map_location="cpu").eval()

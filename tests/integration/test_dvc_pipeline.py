@@ -81,8 +81,9 @@ def _stale(repo: Path) -> set[str]:
 
 def test_repro_runs_every_stage_then_nothing(first_repro, repo):
     _, first = first_repro
-    assert _ran(first) == {"synth", "split@pretrain", "split@finetune", "cache@pretrain", "cache@finetune",
-                           "pretrain", "finetune", "scratch", "evaluate@finetune", "evaluate@scratch", "register"}
+    assert _ran(first) == {"check", "synth", "split@pretrain", "split@finetune", "cache@pretrain", "cache@finetune",
+                           "pretrain", "finetune", "scratch", "evaluate@finetune", "evaluate@scratch", "summary",
+                           "register"}
     metrics = json.loads((repo / "runs/evaluate/finetune/metrics.json").read_text())
     rows = (repo / "runs/evaluate/finetune/predictions.csv").read_text().splitlines()[1:]
     assert len(rows) == metrics["videos"] > 0 and "time_shuffled_video_top1" in metrics
@@ -113,9 +114,15 @@ def test_a_code_change_makes_stale_what_runs_that_code_and_a_docs_change_nothing
 
 def test_changing_finetune_lr_reruns_only_finetune_and_what_follows(repo):
     done = _run(repo, "dvc", "exp", "run", "-S", "finetune.lr=0.02")  # params.yaml has 0.01
-    assert _ran(done.stdout) == {"finetune", "evaluate@finetune", "register"}
-    table = json.loads(_run(repo, "dvc", "exp", "show", "--json").stdout)
-    assert "0.02" in json.dumps(table) and "video_top1" in json.dumps(table)
+    assert _ran(done.stdout) == {"check", "finetune", "evaluate@finetune", "summary", "register"}
+    # readable at a glance: short metric names, and the knob that changed
+    every = _run(repo, "dvc", "exp", "show", "--csv").stdout.splitlines()[0].split(",")
+    assert {"finetune.video_top1", "scratch.video_top1", "transfer_gain"} <= set(every), every
+    assert not [c for c in every if c.endswith("metrics.json:video_top1")], every
+    changed = _run(repo, "dvc", "exp", "show", "--csv", "--only-changed").stdout.splitlines()
+    columns = changed[0].split(",")
+    assert "finetune.lr" in columns and "synth.seed" not in columns, columns
+    assert any("0.02" in row.split(",")[columns.index("finetune.lr")] for row in changed[1:])
 
 
 def test_a_failed_stage_is_where_the_next_repro_starts(repo):
@@ -137,3 +144,35 @@ def test_queued_experiments_run_and_are_listed(repo):
     assert re.search(r"wd-1e-3.*Success", status), status
     table = _run(repo, "dvc", "exp", "show", "--json").stdout
     assert "wd-1e-3" in table and "video_top1" in table
+
+
+def _outputs(repo: Path) -> dict[str, bytes]:
+    """Every file the pipeline wrote under runs/ (resumable checkpoints aside), by path."""
+    return {str(p.relative_to(repo)): p.read_bytes() for p in sorted((repo / "runs").rglob("*"))
+            if p.is_file() and "checkpoints" not in p.parts and p.name != ".gitignore"}
+
+
+def test_a_params_typo_stops_before_any_output_is_removed(repo):
+    before = _outputs(repo)
+    done = _run(repo, "dvc", "exp", "run", "-S", "+finetune.lrr=0.01", check=False)
+    assert done.returncode != 0
+    assert "unknown key 'finetune.lrr'" in done.stdout + done.stderr
+    assert _ran(done.stdout) <= {"check"}
+    before.pop("runs/params.ok")  # the check's own mark, which DVC removes before running it
+    assert _outputs(repo) == before  # every output of the stages that work still there, byte for byte
+
+
+def test_setting_a_knob_back_restores_the_outputs_from_the_run_cache(repo):
+    from mlflow import MlflowClient
+
+    before = _outputs(repo)
+    lr = yaml.safe_load((repo / "params.yaml").read_text())["finetune"]["lr"]
+    _run(repo, "dvc", "exp", "run", "-S", f"finetune.lr={lr * 2}")
+    registry = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    versions = len(registry.search_model_versions("name = 'action3d-demo'"))
+    _set_param(repo, "finetune.lr", lr)
+    back = _run(repo, "dvc", "repro")
+    assert _ran(back.stdout) <= {"check"}, back.stdout  # nothing trained, evaluated or registered again
+    assert "is cached - skipping run" in back.stdout
+    assert _outputs(repo) == before
+    assert len(registry.search_model_versions("name = 'action3d-demo'")) == versions

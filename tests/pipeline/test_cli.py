@@ -33,3 +33,31 @@ def test_models_lists_every_registered_network():
     assert done.returncode == 0
     names = [line.split()[0] for line in done.stdout.splitlines()[2:]]
     assert names == [n for n in list_models() if "resnet1" in n]
+
+
+def _one_line_error(done: subprocess.CompletedProcess, *names: str) -> None:
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("action3d: error: "), done.stderr
+    assert all(name in lines[0] for name in names), lines[0]
+
+
+def test_a_missing_params_file_is_one_line_naming_it(tmp_path):
+    done = _action3d("stage", "synth", "--out", str(tmp_path / "raw"), "--params", str(tmp_path / "nope.yaml"))
+    _one_line_error(done, "nope.yaml", "no such params file")
+    assert not (tmp_path / "raw").exists()  # nothing ran on built-in defaults
+
+
+def test_missing_model_manifests_and_cache_are_one_line_each(workdir):
+    from .conftest import write_tiny_params
+
+    write_tiny_params(workdir)
+    splits, cache = "data/splits/finetune", "data/cache/finetune"
+    evaluate = ("stage", "evaluate", "--out", "runs/e")
+    _one_line_error(_action3d(*evaluate, "--model", "nope.pt", "--manifests", splits, "--cache", cache,
+                              cwd=workdir), "nope.pt")
+    _one_line_error(_action3d("stage", "scratch", "--manifests", "no-splits", "--cache", cache, "--out", "runs/s",
+                              cwd=workdir), "no-splits", "split stage")
+    _one_line_error(_action3d("stage", "scratch", "--manifests", splits, "--cache", "no-cache", "--out", "runs/s",
+                              cwd=workdir), "no-cache", "cache stage")
+    assert not (workdir / "runs").exists()

@@ -135,4 +135,27 @@ def test_a_resumed_stage_in_another_tracking_store_starts_a_new_run(workdir, tin
     from mlflow import MlflowClient
 
     run_id = json.loads((workdir / "runs/pretrain/run.json").read_text())["run_id"]
-    assert MlflowClient(f"sqlite:///{workdir / 'other.db'}").get_run(run_id).info.status == "FINISHED"
+    run = MlflowClient(f"sqlite:///{workdir / 'other.db'}").get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert "resumed_from" not in run.data.tags  # the earlier run is in another store: nothing to link to
+
+
+def test_a_resumed_stage_is_a_new_mlflow_run_linked_to_the_one_it_resumes(workdir, tiny_params):
+    """Each start of a stage is its own MLflow run, so that a run's duration is the time it spent (reopening the
+    first run made a resumption that trained nothing last as long as the time between the two)."""
+    from mlflow import MlflowClient
+
+    from action3d.stages.common import tracking_uri
+
+    _pretrain(tiny_params, workdir)
+    first = json.loads((workdir / "runs/pretrain/run.json").read_text())["run_id"]
+    again = _pretrain(tiny_params, workdir)  # same knobs, same data, same store: the checkpoint is complete
+    second = json.loads((workdir / "runs/pretrain/run.json").read_text())["run_id"]
+    assert second != first and again["epochs_resumed"] == again["epochs"] == 2
+    client = MlflowClient(tracking_uri())
+    run = client.get_run(second)
+    assert run.data.tags["resumed_from"] == first and run.data.tags["epochs_resumed"] == "2"
+    assert run.data.metrics["epochs_resumed"] == 2 and run.info.status == "FINISHED"
+    assert "resumed_from" not in client.get_run(first).data.tags
+    assert client.get_run(first).info.status == "FINISHED"  # untouched: not reopened
+    assert run.info.end_time - run.info.start_time < 60_000  # it trained nothing: its duration says so

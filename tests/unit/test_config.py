@@ -10,8 +10,8 @@ def write(tmp_path, text):
     return path
 
 
-def test_defaults_when_file_is_missing(tmp_path):
-    params = load_params(tmp_path / "absent.yaml")
+def test_defaults_when_no_file_is_given():
+    params = load_params(None)
     assert params.finetune.lr == pytest.approx(1e-3)
     assert params.pretrain.lr == pytest.approx(0.1)
 
@@ -36,23 +36,28 @@ def test_unknown_key_in_file_is_named_with_a_suggestion(tmp_path):
 
 def test_unknown_override_and_bad_value_are_named(tmp_path):
     with pytest.raises(ParamsError, match="pretrain.epoch'"):
-        load_params(tmp_path / "absent.yaml", ["pretrain.epoch=3"])
+        load_params(None, ["pretrain.epoch=3"])
     with pytest.raises(ParamsError, match="split.split"):
-        load_params(tmp_path / "absent.yaml", ["split.split=4"])
+        load_params(None, ["split.split=4"])
     with pytest.raises(ParamsError, match="key=value"):
-        load_params(tmp_path / "absent.yaml", ["finetune.lr"])
+        load_params(None, ["finetune.lr"])
 
 
 def test_params_are_frozen_and_flatten_to_dotted_keys(tmp_path):
-    params = load_params(tmp_path / "absent.yaml")
+    params = load_params(None)
     with pytest.raises(pydantic.ValidationError, match="frozen"):
         params.finetune.lr = 1.0
     flat = params.flat()
     assert flat["finetune.ft_begin_module"] == "layer4"
     assert "synth.pretrain.classes" in flat
-    assert params.digest() != load_params(tmp_path / "absent.yaml", ["seed=1"]).digest()
+    assert params.digest() != load_params(None, ["seed=1"]).digest()
 
 
 def test_a_cosine_schedule_shorter_than_its_warmup_is_refused_naming_both_knobs():
     with pytest.raises(ParamsError, match=r"finetune.*epochs \(1\) > warmup_epochs \(1\)"):
         load_params("params.yaml", ["finetune.epochs=1", "finetune.scheduler=cosine", "finetune.warmup_epochs=1"])
+
+
+def test_a_missing_params_file_is_an_error_naming_it(tmp_path):
+    with pytest.raises(ParamsError, match=r"nope\.yaml: no such params file"):
+        load_params(tmp_path / "nope.yaml")

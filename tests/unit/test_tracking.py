@@ -90,9 +90,36 @@ def promotion_flow(uri: str, name: str, experiment: str) -> None:
     expected = runs[4][1](x).detach().numpy()
     pyfunc = mlflow.pyfunc.load_model(tracking.champion_uri(name))
     np.testing.assert_allclose(pyfunc.predict(x.numpy()), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(pyfunc.predict(x.double()), expected, rtol=1e-5, atol=1e-6)
     module = tracking.load_registered_model(name, tracking_uri=uri)
+    assert isinstance(module, nn.Module) and not module.training
     np.testing.assert_allclose(module(x).detach().numpy(), expected, rtol=1e-5, atol=1e-6)
     assert tuple(module(x[:1]).shape) == (1, 5)
+
+
+def test_a_logged_model_loads_as_a_plain_module_and_its_pyfunc_takes_numpy_or_torch(store):
+    uri, _ = store
+    torch.manual_seed(0)
+    net = TinyNet()
+    with start_stage_run("finetune", experiment="plain-module", tracking_uri=uri, params={"seed": 0}) as run:
+        model_uri = run.log_model(net, torch.randn(1, *CLIP))
+    mlflow.set_tracking_uri(uri)
+    module = mlflow.pytorch.load_model(model_uri)
+    assert isinstance(module, nn.Module) and not module.eval().training
+    for frames in (8, 16):  # not the logged T (4): any clip length the architecture allows
+        x = torch.randn(2, 3, frames, 8, 8)
+        torch.testing.assert_close(module(x), net(x))
+    pyfunc = mlflow.pyfunc.load_model(model_uri)
+    x = torch.randn(3, 3, 8, 8, 8)
+    expected = net(x).detach().numpy()
+    for data in (x.numpy(), x.numpy().astype(np.float64), x, x.double()):
+        out = pyfunc.predict(data)
+        assert out.dtype == np.float32
+        np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"\[B, 3, T, H, W\]") as err:
+        pyfunc.predict(np.zeros((2, 4, 8, 8, 8)))
+    assert len(str(err.value)) < 200  # the shape, not the tensor
+    assert pyfunc.metadata.metadata["trained_clip"] == list(CLIP)
 
 
 def test_tracking_uri_honours_the_environment(tmp_path, monkeypatch):
@@ -154,9 +181,6 @@ def test_a_stage_run_records_params_lineage_metrics_and_data(store, tmp_path, mo
     assert (root / "mlartifacts" / "lineage").is_dir()  # artifacts beside the sqlite file
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "test.csv"]
 
-    with start_stage_run("evaluate", experiment="lineage", tracking_uri=uri, run_id=run.run_id) as reopened:
-        reopened.log_epoch({"val_loss": 0.25}, step=3)
-    assert len(client.get_metric_history(run.run_id, "val_loss")) == 3
 
 
 def test_a_failing_stage_marks_its_run_failed(store):
@@ -182,6 +206,71 @@ def test_register_refuses_what_it_cannot_judge(store):
     with pytest.raises(LookupError, match="no logged model"):
         register_model(run.run_id, "m", metrics={"video_top1": 0.5}, data_digest="x", metric_key="video_top1",
                        tracking_uri=uri)  # fmt: skip
+
+
+def test_challenger_is_the_best_version_that_did_not_beat_the_champion(store):
+    uri, _ = store
+    name, client = "runner-up", MlflowClient(uri)
+    runs = [log_trained_run(uri, "registry", seed)[0] for seed in range(5)]
+
+    def register(i: int, score: float, digest: str = "split-a"):
+        return register_model(runs[i], name, metrics={"video_top1": score}, data_digest=digest,
+                              metric_key="video_top1", tracking_uri=uri)
+
+    def challenger() -> str:
+        return str(client.get_model_version_by_alias(name, CHALLENGER).version)
+
+    assert register(0, 0.9).alias == CHAMPION
+    assert register(1, 0.5).alias == CHALLENGER and challenger() == "2"
+    assert register(2, 0.7).alias == CHALLENGER and challenger() == "3"  # better than the challenger: takes it
+    fourth = register(3, 0.6)  # beats neither: the challenger stays, the new version holds no alias
+    assert fourth.alias is None and challenger() == "3" and list(client.get_model_version(name, "4").aliases) == []
+    assert "nor challenger v3's 0.7" in fourth.reason and f"models:/{name}/4" in fourth.reason
+    assert str(client.get_model_version_by_alias(name, CHAMPION).version) == "1"
+    # registered again: nothing changes, and it says it holds no alias
+    assert (register(3, 0.6).alias, register(3, 0.6).created) == (None, False)
+
+    seen = tracking.read_aliases(name, tracking_uri=uri)
+    assert {alias: (v.version, v.score, v.data_digest) for alias, v in seen.items()} == {
+        CHAMPION: ("1", 0.9, "split-a"), CHALLENGER: ("3", 0.7, "split-a")}
+    assert seen[CHALLENGER].run_id == runs[2] and seen[CHALLENGER].metric_key == "video_top1"
+    assert tracking.read_aliases("never-registered", tracking_uri=uri) == {}
+
+
+def test_the_report_reads_the_registry_aliases_now_not_those_of_the_registration(store, tmp_path, monkeypatch):
+    from action3d.report import report
+
+    uri, _ = store
+    name = "reported"
+    runs = [log_trained_run(uri, "registry", seed)[0] for seed in range(3)]
+    done = [register_model(run, name, metrics={"video_top1": score}, data_digest="split-a", metric_key="video_top1",
+                           tracking_uri=uri) for run, score in zip(runs, (0.5, 0.4))]
+    (tmp_path / ".dvc").mkdir()
+    (tmp_path / "runs/evaluate/finetune").mkdir(parents=True)
+    (tmp_path / "runs/evaluate/finetune/metrics.json").write_text(json.dumps(
+        {"video_top1": 0.4, "video_top5": 1.0, "clip_top1": 0.4, "videos": 3}))
+    (tmp_path / "runs/register").mkdir()
+    record = {"name": name, "version": done[1].version, "alias": done[1].alias, "reason": done[1].reason}
+    (tmp_path / "runs/register/registration.json").write_text(json.dumps(record))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    # since this workspace registered v2 as challenger, a queued experiment registered a better one: v3 is champion
+    register_model(runs[2], name, metrics={"video_top1": 0.8}, data_digest="split-a", metric_key="video_top1",
+                   tracking_uri=uri)  # fmt: skip
+    shown = report(tmp_path / "runs")
+    assert "this workspace's run made version 2 (at registration: challenger" in shown
+    assert "version 2 holds challenger" in shown and "champion v3: video_top1 0.8 on test data split-a" in shown
+    assert f"load_model('models:/{name}/2')" in shown and f"load_model('models:/{name}@champion')" in shown
+    assert "now v3, another model" in shown
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'none.db'}")  # no store: one line, not created
+    shown = report(tmp_path / "runs")
+    assert "registry now      cannot be read from" in shown and f"models:/{name}/2" in shown
+    assert not (tmp_path / "none.db").exists()
+    record["name"] = "not-in-this-store"
+    (tmp_path / "runs/register/registration.json").write_text(json.dumps(record))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    assert "not-in-this-store has no champion or challenger in" in report(tmp_path / "runs")
 
 
 # --- re-scoring a champion measured on another test split -------------------------------------------------------

@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 from action3d.data.video import ProbeResult, is_video_name, probe_video, write_atomic_text
 from action3d.errors import Action3dError
+from action3d.progress import show_bars
 
 MANIFEST_COLUMNS = ("path", "label", "label_name", "video_id", "group")
 SUBSETS = ("train", "val", "test")
@@ -351,7 +352,7 @@ def carve_val(entries: list[Entry], fraction: float, seed: int) -> tuple[list[En
 def probe_all(paths: list[Path], *, workers: int | None = None, progress: bool = True) -> list[ProbeResult]:
     """Probe every file (open, read the header, decode the first frame) in parallel, with a progress bar."""
     workers = max(1, min(workers or os.cpu_count() or 1, len(paths) or 1))
-    bar = tqdm(total=len(paths), desc="probe", unit="video", disable=not progress)
+    bar = tqdm(total=len(paths), desc="probe", unit="video", disable=not show_bars(progress))
     results = []
     if workers == 1:
         for p in paths:
@@ -498,8 +499,16 @@ def build_manifests(
     return report
 
 
+def _require_split_file(path: Path) -> None:
+    if not path.is_file():
+        missing = f"{path}: no such file" if path.parent.is_dir() else f"{path.parent}: no such folder"
+        raise AnnotationError(f"{missing}. --manifests must name the folder that the split stage writes "
+                              "(train/val/test.csv, classes.json): run `action3d stage split` or `dvc repro`")
+
+
 def read_manifest(path: str | Path) -> list[dict[str, str]]:
     """Rows of a manifest CSV as dicts (columns MANIFEST_COLUMNS); errors name the file and the missing column."""
+    _require_split_file(Path(path))
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         absent = [c for c in MANIFEST_COLUMNS if c not in (reader.fieldnames or [])]
@@ -511,6 +520,7 @@ def read_manifest(path: str | Path) -> list[dict[str, str]]:
 
 def read_classes(path: str | Path) -> list[str]:
     """classes.json: class names in label order."""
+    _require_split_file(Path(path))
     names = json.loads(Path(path).read_text())
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise AnnotationError(f"{path}: expected a JSON list of class names")

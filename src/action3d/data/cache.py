@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 from action3d.data.video import VideoReadError, atomic_path, stated_frames, write_atomic_text
 from action3d.errors import Action3dError
+from action3d.progress import show_bars
 
 log = logging.getLogger(__name__)
 
@@ -386,7 +387,7 @@ def build_cache(
         else:
             todo.append(_Job(str(data_root / rel), str(target), short_side, quality))
     workers = max(1, min(workers or os.cpu_count() or 1, len(todo) or 1))
-    bar = tqdm(total=len(todo), desc="cache", unit="video", disable=not progress)
+    bar = tqdm(total=len(todo), desc="cache", unit="video", disable=not show_bars(progress))
     pool = ProcessPoolExecutor(workers) if workers > 1 else None
     try:
         results = pool.map(_cache_one, todo, chunksize=2) if pool else map(_cache_one, todo)

@@ -162,6 +162,9 @@ class SkipCounter:
 def load_records(manifest_csv: str | Path, cache_root: str | Path) -> tuple[list[VideoRecord], list[str]]:
     """Join a manifest with the cache: (records of cached videos, paths left out because the cache lacks them)."""
     rows = read_manifest(manifest_csv)
+    if not Path(cache_root).is_dir():
+        raise AnnotationError(f"{cache_root}: no such folder. --cache must name the folder that the cache stage "
+                              "writes: run `action3d stage cache` or `dvc repro`")
     index = read_index(cache_root)
     records, left_out = [], []
     for i, row in enumerate(rows):

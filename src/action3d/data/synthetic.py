@@ -69,6 +69,7 @@ import numpy as np
 from tqdm import tqdm
 
 from action3d.data.video import write_atomic_text, write_video
+from action3d.progress import show_bars
 
 MARKER = ".synth.json"  # written into every generated root: proves the folder is ours to replace
 
@@ -602,7 +603,7 @@ def run_jobs(
 ) -> None:
     """Write every job, in parallel over `workers` processes (default: every core), with a progress bar."""
     workers = max(1, workers or os.cpu_count() or 1)
-    bar = tqdm(total=len(jobs), desc=desc, unit="video", disable=not progress)
+    bar = tqdm(total=len(jobs), desc=desc, unit="video", disable=not show_bars(progress))
     if workers == 1:
         for job in jobs:
             make_video(job)

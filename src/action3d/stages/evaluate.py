@@ -13,39 +13,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
 from action3d import engine
 from action3d.config import Params
+from action3d.plots import plot_confusion
 from action3d.stages.common import pick_device, tracking_uri, training_run_id, write_csv, write_json
-
-
-def plot_confusion(matrix: np.ndarray, classes: list[str], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
-    size = 2.5 + 0.45 * len(classes)
-    fig, ax = plt.subplots(figsize=(size + 1.5, size))
-    image = ax.imshow(rows, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(len(classes)), classes, rotation=60, ha="right", fontsize=8)
-    ax.set_yticks(range(len(classes)), classes, fontsize=8)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("actual")
-    ax.set_title(title, fontsize=9)
-    for i, j in zip(*np.nonzero(matrix)):
-        ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=7,
-                color="white" if rows[i, j] > 0.5 else "black")
-    fig.colorbar(image, ax=ax, fraction=0.046, label="share of the actual class")
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
 
 
 def score(params: Params, *, model_path: str | Path, manifest: str | Path, cache_dir: str | Path,

@@ -1,7 +1,8 @@
 """Stage register: the fine-tuned model becomes a version of the registered model `registry.model_name`.
 
 The alias `champion` moves to it only when it beats the champion on the same test data (same `test_data_digest`);
-otherwise it is the `challenger`. When the champion was measured on another test split, it is re-scored on this
+otherwise it is the `challenger` when it beats the current challenger on that data too (or that one was measured on
+other data), else it keeps no alias and loads as `models:/<name>/<version>`. When the champion was measured on another test split, it is re-scored on this
 one first, with the evaluate stage's own scoring (`evaluate.score`) of its training run's checkpoint: hence the
 test manifests (beside `test_manifest`) and the cache among the inputs. Registering the same run twice creates
 nothing; two registrations at once end with one champion, the better (see tracking.register_model).

@@ -23,6 +23,8 @@ from action3d.checkpoint import copy_checkpoint, model_from_checkpoint
 from action3d.config import Params, Train
 from action3d.data import make_eval_loader, make_train_loader, read_manifest
 from action3d.distributed import init_distributed
+from action3d.plots import plot_history
+from action3d.progress import say
 from action3d.stages.common import cache_digest, digest, pick_device, project_root, tracking_uri, write_csv, write_json
 from action3d.storage import file_md5
 
@@ -32,8 +34,14 @@ def _has_rows(manifest: Path) -> bool:
 
 
 def write_history(path: Path, history: list[dict[str, float]]) -> None:
-    keys = list(dict.fromkeys(k for row in history for k in row))
+    """history.csv, a DVC output under git: the epochs' metrics without wall-clock fields (`*_per_s`,
+    `*_seconds`), so a rerun of the same knobs writes the same file; timings are in MLflow (`on_epoch_end`)."""
+    keys = [k for k in dict.fromkeys(k for row in history for k in row) if not _is_timing(k)]
     write_csv(path, keys, [[row.get(k, "") for k in keys] for row in history])
+
+
+def _is_timing(key: str) -> bool:
+    return key.endswith(("_per_s", "_seconds", "_elapsed_s"))
 
 
 def train_stage(
@@ -116,7 +124,7 @@ def train_stage(
         def on_epoch_end(epoch: int, metrics: dict[str, float]) -> None:
             shown = ", ".join(f"{k} {metrics[k]:.4g}" for k in ("train_loss", "train_top1", "val_loss",
                                                                  "val_video_top1", "lr") if k in metrics)
-            print(f"[{stage}] epoch {epoch}/{train_cfg.epochs}: {shown}", flush=True)
+            say(f"[{stage}] epoch {epoch}/{train_cfg.epochs}: {shown}")
             if run is not None:
                 run.log_epoch(metrics, step=epoch)
             mirror()
@@ -138,6 +146,8 @@ def train_stage(
         best = result["best_checkpoint"] or result["last_checkpoint"]
         copy_checkpoint(best, out_dir / "model.pt")  # DVC's output
         write_history(out_dir / "history.csv", result["history"])
+        plot_history(result["history"], out_dir / "curves.png", title=stage)
+        run.log_artifact(out_dir / "curves.png", "plots")
         run.log_metrics(metrics)
         run.log_artifact(out_dir / "model.pt", "checkpoint")
         run.log_artifact(manifests_dir / "classes.json")
@@ -153,20 +163,28 @@ def train_stage(
 
 
 def _tracked_run(params: Params, *, stage: str, run_id_file: Path, parent_run_id, tags, digests):
-    from action3d.tracking import start_stage_run
+    from action3d.tracking import known_run, start_stage_run
 
-    from action3d.tracking import reusable_run
-
-    # A resumed stage continues its MLflow run only where that run is in this store with the very same params
-    # (MLflow's params are write-once); otherwise the resumed training is logged as a new run.
-    resumed = run_id_file.read_text().strip() if run_id_file.is_file() else None
-    if resumed and not reusable_run(resumed, tracking_uri=tracking_uri(), params=params.flat()):
-        resumed = None
+    # Every (re)start of a stage is a new MLflow run, so that a run's duration is the time it spent. A resumed stage
+    # links its run to the one that wrote the checkpoint (when that run is in this store): tags `resumed_from` and
+    # `epochs_resumed` (the epochs the checkpoint holds done; the `epochs_resumed` metric says the same at the end).
+    previous = run_id_file.read_text().strip() if run_id_file.is_file() else None
+    link: dict[str, Any] = {}
+    if previous and known_run(previous, tracking_uri=tracking_uri()):
+        link = {"resumed_from": previous, "epochs_resumed": _epochs_done(run_id_file.parent / engine.LAST_CHECKPOINT)}
     return start_stage_run(
         stage, experiment=params.tracking.experiment, tracking_uri=tracking_uri(), params=params.flat(),
-        params_hash=params.digest(), parent_run_id=parent_run_id, data_digests=digests, tags=tags,
-        repo_dir=project_root(), run_id=resumed,
+        params_hash=params.digest(), parent_run_id=parent_run_id, data_digests=digests, tags={**(tags or {}), **link},
+        repo_dir=project_root(),
     )  # fmt: skip
+
+
+def _epochs_done(last: Path) -> int:
+    """The epochs a checkpoint holds done (0 without a readable one); memory-mapped, so the weights are not read."""
+    try:
+        return int(torch.load(last, map_location="cpu", weights_only=True, mmap=True).get("epoch") or 0)
+    except Exception:  # missing, torn or foreign: engine.fit says what is wrong with it, or starts afresh
+        return 0
 
 
 def train_from_scratch(params: Params, *, stage: str, train_cfg: Train, manifests_dir: str | Path,
