@@ -30,12 +30,12 @@ def report(runs: Path) -> str:
     lines.append(f"  fine-tuned from pretraining   video top-1 {_pct(finetuned['video_top1'])}   "
                  f"top-5 {_pct(finetuned['video_top5'])}   clip top-1 {_pct(finetuned['clip_top1'])}   "
                  f"({finetuned['videos']} videos)")
+    if "train_video_top1" in finetuned:
+        lines.append(f"                                its training videos {_pct(finetuned['train_video_top1'])}")
     if "time_shuffled_video_top1" in finetuned:
         shuffled, chance = finetuned["time_shuffled_video_top1"], finetuned["chance"]
         verdict = "near chance: the model uses motion" if shuffled <= chance + 0.15 else "well above chance"
         lines.append(f"  same model, frames shuffled   video top-1 {_pct(shuffled)}   (chance {_pct(chance)}: {verdict})")
-    if "train_video_top1" in finetuned:
-        lines.append(f"                                its training videos {_pct(finetuned['train_video_top1'])}")
     if scratch is not None:
         gain = 100 * (finetuned["video_top1"] - scratch["video_top1"])
         lines.append(f"  from scratch (the baseline)   video top-1 {_pct(scratch['video_top1'])}   "
