@@ -93,13 +93,14 @@ def train_stage(
 
     # Resume only what the same knobs on the same inputs started; anything else starts afresh. The key covers every
     # knob the result depends on and the content of every input: manifests, the frame cache (its index lists each
-    # pack's frames and bytes; the cache knobs too), a pretrained checkpoint, and the number of processes.
+    # pack's frames and bytes; the cache knobs too), a pretrained checkpoint, the number of processes, and the code
+    # (DVC re-runs a stage whose code changed: a finished checkpoint of the old code must not stand in for it).
     input_md5 = {name: file_md5(path) for name, path in {"train": train_csv, **(inputs or {})}.items()}
     if val_loader is not None:
         input_md5["val"] = file_md5(val_csv)
     key = digest(stage, params.seed, arch, model_kwargs, params.clip.model_dump(), params.augment.model_dump(),
                  params.cache.model_dump(), train_cfg.model_dump(exclude={"workers", "device"}), input_md5,
-                 cache_digest(cache_dir), info.world_size)
+                 cache_digest(cache_dir), info.world_size, code_digest())
     checkpoint_dir = out_dir / "checkpoints" / key
     if info.is_main:
         for stale in (out_dir / "checkpoints").glob("*"):
@@ -185,6 +186,19 @@ def _epochs_done(last: Path) -> int:
         return int(torch.load(last, map_location="cpu", weights_only=True, mmap=True).get("epoch") or 0)
     except Exception:  # missing, torn or foreign: engine.fit says what is wrong with it, or starts afresh
         return 0
+
+
+def code_digest() -> str:
+    """The action3d package's source, hashed: part of the resume key."""
+    import hashlib
+
+    import action3d
+
+    package = Path(action3d.__file__).parent
+    blob = hashlib.sha256()
+    for source in sorted(package.rglob("*.py")):
+        blob.update(str(source.relative_to(package)).encode() + b"\0" + source.read_bytes())
+    return blob.hexdigest()[:16]
 
 
 def train_from_scratch(params: Params, *, stage: str, train_cfg: Train, manifests_dir: str | Path,
