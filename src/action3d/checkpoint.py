@@ -24,6 +24,7 @@ Pure torch: nothing here imports the MLOps stack (mlflow, prefect, pydantic) or 
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import re
 import warnings
@@ -177,6 +178,16 @@ def read_checkpoint(source: Source, *, map_location: str | torch.device = "cpu")
 
 
 # --- writing -----------------------------------------------------------------------------------------------------
+
+
+def epochs_done(path: str | os.PathLike) -> int:
+    """The epochs a training checkpoint holds done, 0 when it is missing or unreadable; memory-mapped, so the
+    weights are not read (fit, which resumes from it, says what is wrong with a bad one)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (OSError, RuntimeError, pickle.UnpicklingError, EOFError, ValueError):
+        return 0
+    return int(state.get("epoch") or 0) if isinstance(state, Mapping) else 0
 
 
 def _guarded(path: str | os.PathLike, write: Callable[[], Path]) -> Path:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from action3d import engine
-from action3d.checkpoint import copy_checkpoint, model_from_checkpoint
+from action3d.checkpoint import copy_checkpoint, epochs_done, model_from_checkpoint
 from action3d.config import Params, Train
 from action3d.data import make_eval_loader, make_train_loader, read_manifest
 from action3d.distributed import init_distributed
@@ -172,20 +172,12 @@ def _tracked_run(params: Params, *, stage: str, run_id_file: Path, parent_run_id
     previous = run_id_file.read_text().strip() if run_id_file.is_file() else None
     link: dict[str, Any] = {}
     if previous and known_run(previous, tracking_uri=tracking_uri()):
-        link = {"resumed_from": previous, "epochs_resumed": _epochs_done(run_id_file.parent / engine.LAST_CHECKPOINT)}
+        link = {"resumed_from": previous, "epochs_resumed": epochs_done(run_id_file.parent / engine.LAST_CHECKPOINT)}
     return start_stage_run(
         stage, experiment=params.tracking.experiment, tracking_uri=tracking_uri(), params=params.flat(),
         params_hash=params.digest(), parent_run_id=parent_run_id, data_digests=digests, tags={**(tags or {}), **link},
         repo_dir=project_root(),
     )  # fmt: skip
-
-
-def _epochs_done(last: Path) -> int:
-    """The epochs a checkpoint holds done (0 without a readable one); memory-mapped, so the weights are not read."""
-    try:
-        return int(torch.load(last, map_location="cpu", weights_only=True, mmap=True).get("epoch") or 0)
-    except Exception:  # missing, torn or foreign: engine.fit says what is wrong with it, or starts afresh
-        return 0
 
 
 def code_digest() -> str:
