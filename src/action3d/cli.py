@@ -125,6 +125,9 @@ def _add_data_stages(sub) -> None:
     p.set_defaults(func=_stage_cache)
 
 
+TRAINING_STAGES = ("pretrain", "finetune", "scratch")  # each takes `nproc` from its section of params.yaml
+
+
 def _add_training_stages(sub) -> None:
     for name, func, text in (("pretrain", _stage_pretrain, "train from scratch on the large set"),
                              ("finetune", _stage_finetune, "fine-tune on the small set"),
@@ -199,6 +202,20 @@ def _cmd_report(args) -> None:
     print(report(Path(args.runs)))
 
 
+def _cmd_remote(args) -> None:
+    from action3d.workspace import Workspace
+
+    ws = Workspace(args.root)
+    if args.remote_command == "setup":
+        remote = ws.setup_remote(args.url, name=args.name, local=args.local)
+        where = ".dvc/config.local (this machine only)" if args.local else ".dvc/config: commit it, workers clone it"
+        print(f"DVC remote {remote.name!r} = {remote.url}" + (f" at {remote.endpoint_url}" if remote.endpoint_url
+                                                               else "") + f", the default; written to {where}")
+    else:
+        remote = ws.check_remote()
+        print(f"DVC remote {remote.name!r} = {remote.url} answers")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="action3d", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -230,6 +247,18 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("uri" if name == "push" else "dir")
         p.set_defaults(func=func)
 
+    remote = sub.add_parser("remote", help="the DVC remote on S3 that workers pull data from and push results to")
+    remotes = remote.add_subparsers(dest="remote_command", required=True)
+    setup = remotes.add_parser("setup", help="make s3://BUCKET/PREFIX the default DVC remote (endpoint and region "
+                                             "from AWS_ENDPOINT_URL / AWS_DEFAULT_REGION)")
+    setup.add_argument("url", help="s3://bucket/prefix")
+    setup.add_argument("--name", default="storage", help="the remote's name (default: storage)")
+    setup.add_argument("--local", action="store_true", help="this machine only (.dvc/config.local, not committed)")
+    check = remotes.add_parser("check", help="check that the default DVC remote is configured and answers")
+    for p in (setup, check):
+        p.add_argument("--root", default=".", help="the project folder (default: here)")
+        p.set_defaults(func=_cmd_remote)
+
     report = sub.add_parser("report", help="the pipeline's metrics, registered model and where to look")
     report.add_argument("--runs", default="runs", help="the pipeline's output folder")
     report.set_defaults(func=_cmd_report)
@@ -252,15 +281,26 @@ def main(argv: list[str] | None = None) -> int:
         from action3d.progress import set_quiet
 
         set_quiet()
+    training = getattr(args, "command", None) == "stage" and args.stage in TRAINING_STAGES
     try:
+        if training:
+            from action3d import distributed
+
+            nproc = distributed.resolve_nproc(getattr(_params(args), args.stage).nproc)
+            if nproc > 1 and not distributed.launched_by_torchrun():  # this same command, as nproc ranks
+                return distributed.run_under_torchrun(nproc, sys.argv[1:] if argv is None else list(argv))
         result = args.func(args)
     except KeyboardInterrupt:
         return 130
     except Action3dError as err:  # bad input: one message a person can act on, no traceback
         print(f"action3d: error: {err}", file=sys.stderr)
         return 2
-    if isinstance(result, dict) and getattr(args, "command", None) == "stage":
-        print(json.dumps(result, default=str))
+    main_rank = True
+    if training:
+        main_rank = distributed.is_main_process()
+        distributed.cleanup()  # leave the process group (no-op in one process)
+    if isinstance(result, dict) and getattr(args, "command", None) == "stage" and main_rank:
+        print(json.dumps(result, default=str))  # under torchrun rank 0 alone: DVC's log gets the result once
     return 0
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from action3d.errors import Action3dError
 
@@ -114,10 +114,18 @@ class Train(Section):
     compile: bool = False
     workers: int = 2
     device: str = "auto"  # auto = cuda when available (cuda:LOCAL_RANK under torchrun), else cpu
+    nproc: int | Literal["auto"] = "auto"  # processes; auto = every visible GPU (1 on CPU); >1 runs under torchrun
 
     @model_validator(mode="after")
     def _warmup_fits(self):
         return _check_warmup(self)
+
+    @field_validator("nproc", mode="before")
+    @classmethod
+    def _nproc_is_auto_or_positive(cls, value):
+        if value != "auto" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError("nproc is the number of training processes: 'auto' or an integer >= 1")
+        return value
 
 
 def _check_warmup(section: Train) -> Train:
@@ -163,6 +171,21 @@ class Storage(Section):
     checkpoints: str | None = None  # s3://bucket/prefix: training mirrors its checkpoints there every epoch
 
 
+class Study(Section):
+    """The architecture study (flows/study.py): the pipeline once per entry, side by side, one table."""
+
+    parallel: int | Literal["auto"] = "auto"  # entries at once: auto = one per visible GPU (1 on CPU)
+    targets: list[str] = ["summary"]  # the stages each entry runs (and what they need); summary = both models
+    entries: dict[str, list[str]] = {"resnet10": ["model.name=resnet10"], "resnet18": ["model.name=resnet18"]}
+
+    @field_validator("parallel")
+    @classmethod
+    def _positive(cls, value):
+        if value != "auto" and value < 1:
+            raise ValueError("must be a positive number of entries run at once, or auto (one per visible GPU)")
+        return value
+
+
 class Params(Section):
     seed: int = 0
     synth: Synth = Synth()
@@ -178,6 +201,7 @@ class Params(Section):
     registry: Registry = Registry()
     tracking: Tracking = Tracking()
     storage: Storage = Storage()
+    study: Study = Study()
 
     @model_validator(mode="after")
     def _scratch_epochs_default(self):

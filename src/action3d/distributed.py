@@ -32,6 +32,51 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+def resolve_nproc(value: int | str) -> int:
+    """A training stage's `nproc` knob as a number of processes: "auto" = every visible CUDA GPU, 1 on the CPU."""
+    if value == "auto":
+        return max(1, torch.cuda.device_count())
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"nproc must be 'auto' or an integer >= 1, not {value!r}")
+    return value
+
+
+def run_under_torchrun(nproc: int, argv: list[str]) -> int:
+    """Run `python -m action3d.cli *argv` as `nproc` ranks under torchrun on this machine; its exit code.
+
+    SIGTERM and SIGINT sent to this process go on to torchrun, which stops its ranks: killing the stage (a stopped
+    `dvc repro`, a cancelled flow) leaves no rank training behind.
+    """
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+               "-m", "action3d.cli", *argv]
+    child: subprocess.Popen | None = None
+    pending: list[int] = []  # a signal that came before torchrun started
+
+    def forward(signum, _frame) -> None:
+        if child is None:
+            pending.append(signum)
+        else:
+            child.send_signal(signum)
+
+    forwarded = (signal.SIGTERM, signal.SIGINT)
+    in_main_thread = threading.current_thread() is threading.main_thread()  # only it may set handlers
+    previous = {sig: signal.signal(sig, forward) for sig in forwarded} if in_main_thread else {}
+    try:
+        child = subprocess.Popen(command)
+        for signum in pending:
+            child.send_signal(signum)
+        code = child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return code if code >= 0 else 128 - code  # killed by signal N: 128 + N, as a shell reports it
+
+
 def init_distributed(backend: str | None = None) -> DistInfo:
     """Join the process group when launched by torchrun; otherwise describe the single process.
 

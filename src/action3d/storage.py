@@ -684,3 +684,9 @@ def mirror_checkpoint(local_file: str | os.PathLike, uri: str, *, config: S3Conf
     if not target.key or target.key.endswith("/"):
         target = target.child(path.name)
     return upload(path, str(target), config=config, progress=progress).uri
+
+
+def check_bucket(uri: str, *, config: S3Config | None = None) -> None:
+    """Return when the bucket of ``uri`` answers; else a StorageError naming the endpoint, the bucket and the fix
+    (server down, wrong credentials, no such bucket). For checks before long work starts."""
+    _Bucket(_resolve(config), parse_s3_uri(uri).bucket).check()

@@ -355,7 +355,9 @@ def make_train_loader(
     world, r = _world(distributed, world_size, rank)
     sampler = EpochSampler(len(dataset), seed=seed, num_replicas=world, rank=r)
     return _loader(dataset, sampler, batch_size=batch_size, workers=workers, seed=seed,
-                   drop_last=drop_last and len(records) // world > batch_size, pin_memory=pin_memory,
+                   # a rank's share is padded up to ceil(n / world): drop its partial batch when a full one remains
+                   # (a batch of 1 breaks BatchNorm under DDP)
+                   drop_last=drop_last and len(sampler) >= batch_size, pin_memory=pin_memory,
                    prefetch_factor=prefetch_factor)
 
 

@@ -5,7 +5,9 @@ A training stage writes into its `out_dir`:
     history.csv         one row per epoch (DVC plots it)
     run.json            the MLflow run id and the logged model's URI, for the stages after it
     checkpoints/<key>/  last.pt and best.pt of the run in progress; `key` hashes the knobs and inputs, so a
-                        re-run with the same ones resumes where a crash stopped it and any change starts afresh
+                        re-run with the same ones resumes where a crash stopped it and any change starts afresh;
+                        with `storage.checkpoints` set they are mirrored to S3 after every epoch and fetched back
+                        when missing here (a retry on a fresh machine resumes too)
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from action3d import engine
 from action3d.checkpoint import copy_checkpoint, epochs_done, model_from_checkpoint
 from action3d.config import Params, Train
 from action3d.data import make_eval_loader, make_train_loader, read_manifest
-from action3d.distributed import init_distributed
+from action3d.distributed import barrier, init_distributed
 from action3d.plots import plot_history
 from action3d.progress import say
 from action3d.stages.common import cache_digest, digest, pick_device, project_root, tracking_uri, write_csv, write_json
@@ -99,7 +101,7 @@ def train_stage(
     if val_loader is not None:
         input_md5["val"] = file_md5(val_csv)
     key = digest(stage, params.seed, arch, model_kwargs, params.clip.model_dump(), params.augment.model_dump(),
-                 params.cache.model_dump(), train_cfg.model_dump(exclude={"workers", "device"}), input_md5,
+                 params.cache.model_dump(), train_cfg.model_dump(exclude={"workers", "device", "nproc"}), input_md5,
                  cache_digest(cache_dir), info.world_size, code_digest())
     checkpoint_dir = out_dir / "checkpoints" / key
     if info.is_main:
@@ -107,10 +109,13 @@ def train_stage(
             if stale.name != key:
                 shutil.rmtree(stale, ignore_errors=True)
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        _restore_checkpoints(params, stage, checkpoint_dir)
+    barrier()  # the other ranks resume from what rank 0 restored
 
     run_id_file = checkpoint_dir / "mlflow_run_id"
     tracked = _tracked_run(
-        params, stage=stage, run_id_file=run_id_file, parent_run_id=parent_run_id, tags=tags,
+        params, stage=stage, run_id_file=run_id_file, parent_run_id=parent_run_id,
+        tags={**(tags or {}), "world_size": info.world_size},
         digests={k: v for k, v in input_md5.items() if k in ("train", "val")},
     ) if info.is_main else contextlib.nullcontext()  # fmt: skip
 
@@ -206,19 +211,52 @@ def train_from_scratch(params: Params, *, stage: str, train_cfg: Train, manifest
                        manifests_dir=manifests_dir, cache_dir=cache_dir, out_dir=out_dir, tags=tags)
 
 
+def _mirror_folder(params: Params, stage: str, checkpoint_dir: Path) -> str:
+    """`<storage.checkpoints>/<stage>/<key>/`: the S3 folder that mirrors `checkpoint_dir`."""
+    return f"{params.storage.checkpoints.rstrip('/')}/{stage}/{checkpoint_dir.name}/"
+
+
+def _s3_config(params: Params):
+    from action3d.storage import S3Config
+
+    return S3Config.from_env(endpoint_url=params.storage.endpoint_url, region=params.storage.region)
+
+
 def _checkpoint_mirror(params: Params, stage: str, checkpoint_dir: Path):
     """A callable that copies last.pt/best.pt to `storage.checkpoints` when set (else does nothing)."""
-    prefix = params.storage.checkpoints
-    if not prefix:
+    if not params.storage.checkpoints:
         return lambda: None
-    from action3d.storage import S3Config, mirror_checkpoint
+    from action3d.storage import mirror_checkpoint
 
-    config = S3Config.from_env(endpoint_url=params.storage.endpoint_url, region=params.storage.region)
-    target = f"{prefix.rstrip('/')}/{stage}/{checkpoint_dir.name}/"
+    config, target = _s3_config(params), _mirror_folder(params, stage, checkpoint_dir)
 
     def mirror() -> None:
-        for name in ("last.pt", "best.pt"):
+        # best.pt first: a mirror cut short between the two then holds a last.pt no newer than its best.pt
+        for name in (engine.BEST_CHECKPOINT, engine.LAST_CHECKPOINT):
             if (checkpoint_dir / name).is_file():
                 mirror_checkpoint(checkpoint_dir / name, target, config=config)
 
     return mirror
+
+
+def _restore_checkpoints(params: Params, stage: str, checkpoint_dir: Path) -> None:
+    """Fetch last.pt and best.pt from the `storage.checkpoints` mirror when `checkpoint_dir` has no last.pt, so
+    that a retried run on a fresh machine resumes after the last epoch it finished. Nothing mirrored: nothing to do.
+
+    The objects land in a staging folder first and last.pt moves in last, so a restore cut short leaves no last.pt
+    (the next run restores again, continuing the partial downloads) and never a last.pt without its best.pt.
+    """
+    last = checkpoint_dir / engine.LAST_CHECKPOINT
+    if not params.storage.checkpoints or last.is_file():
+        return
+    from action3d.storage import sync_down
+
+    source, staging = _mirror_folder(params, stage, checkpoint_dir), checkpoint_dir / ".restoring"
+    fetched = {t.local_path.relative_to(staging).as_posix()
+               for t in sync_down(source, staging, config=_s3_config(params), progress=False)}
+    if engine.LAST_CHECKPOINT in fetched:
+        for name in (engine.BEST_CHECKPOINT, engine.LAST_CHECKPOINT):
+            if name in fetched:
+                (staging / name).replace(checkpoint_dir / name)
+        say(f"[{stage}] restored epoch {epochs_done(last)} from {source}")
+    shutil.rmtree(staging, ignore_errors=True)
