@@ -10,8 +10,9 @@ STAMP  := $(VENV)/.installed-stamp
 export PATH := $(abspath $(BIN)):$(PATH)
 # MLflow's usage telemetry cannot reach its collector offline; it only adds noise and a race.
 export MLFLOW_DISABLE_TELEMETRY := true
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: setup run test test-fast bench clean
+.PHONY: setup run test test-fast bench clean prefect-server worker deploy study remote
 
 setup: $(STAMP)
 
@@ -35,6 +36,31 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/loading.py
+
+# Scheduled runs on one machine (README, "Scheduled runs"): `make prefect-server` in one terminal, `make worker` in
+# another, then `make deploy` (ACTIVE=1: schedules on at once). Elsewhere, point PREFECT_API_URL at your server.
+PREFECT_PORT ?= 4200
+PREFECT_API_URL ?= http://127.0.0.1:$(PREFECT_PORT)/api
+POOL ?= gpu
+
+prefect-server: $(STAMP)
+	prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
+
+worker: $(STAMP)
+	PREFECT_API_URL=$(PREFECT_API_URL) prefect work-pool inspect $(POOL) >/dev/null 2>&1 || \
+	  PREFECT_API_URL=$(PREFECT_API_URL) prefect work-pool create $(POOL) --type process
+	PREFECT_API_URL=$(PREFECT_API_URL) prefect worker start --pool $(POOL)
+
+deploy: $(STAMP)
+	PREFECT_API_URL=$(PREFECT_API_URL) $(BIN)/python flows/deploy.py $(if $(ACTIVE),--active)
+
+# the architecture study of params.yaml (study.entries), on Prefect's ephemeral API
+study: $(STAMP)
+	$(BIN)/python flows/study.py
+
+# the DVC remote workers pull from and push to: make remote URL=s3://bucket/prefix (AWS_* variables for the endpoint)
+remote: $(STAMP)
+	action3d remote setup $(URL)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -129,3 +129,31 @@ def plot_confusion(matrix: np.ndarray, classes: list[str], path: str | Path, tit
     fig.tight_layout()
     _save(fig, path)
     return fig
+
+
+def plot_study(rows: list[dict[str, Any]], path: str | Path, title: str = "architecture study"):
+    """Fine-tuned video top-1 against forward GFLOPs per clip, one labelled point per model (the paper's
+    depth/family comparison); the scratch baseline as hollow points when present. Failed rows are left out.
+    Returns the (closed) figure."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    done = [r for r in rows if r.get("status") == "ok" and r.get("finetune.video_top1") is not None]
+    for row in done:
+        x = row.get("gflops") or 0.0
+        ax.scatter([x], [row["finetune.video_top1"]], s=40, color="tab:blue")
+        ax.annotate(row["entry"], (x, row["finetune.video_top1"]), textcoords="offset points", xytext=(5, 4),
+                    fontsize=8)
+        if row.get("scratch.video_top1") is not None:
+            ax.scatter([x], [row["scratch.video_top1"]], s=40, facecolors="none", edgecolors="tab:orange")
+    ax.scatter([], [], color="tab:blue", label="fine-tuned")
+    ax.scatter([], [], facecolors="none", edgecolors="tab:orange", label="from scratch")
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("forward GFLOPs per clip")
+    ax.set_ylabel("video top-1 (test)")
+    failed = len(rows) - len(done)
+    ax.set_title(f"{title}: {len(done)} models" + (f", {failed} failed" if failed else ""), fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    _save(fig, path)
+    return fig

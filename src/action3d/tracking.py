@@ -334,6 +334,26 @@ def start_stage_run(
         yield run
 
 
+def log_study(study: str, rows: list[Mapping[str, Any]], *, experiment: str, tracking_uri: str,
+              files: list[str | Path] = (), repo_dir: str | Path | None = None) -> str:
+    """One MLflow run for a study (an architecture study's table): each row's numbers as metrics
+    `<entry>.<key>`, the rows as an MLflow table, `files` (the CSV, the plot) as artifacts. Returns its run id."""
+    mlflow.set_tracking_uri(tracking_uri)
+    experiment_id = get_or_create_experiment(experiment, tracking_uri=tracking_uri)
+    with mlflow.start_run(experiment_id=experiment_id, run_name=f"study-{study}") as active:
+        run = StageRun(active.info.run_id, active.info.experiment_id, tracking_uri)
+        run.set_tags({"stage": "study", "study": study, **git_state(repo_dir),
+                      "entries": ",".join(str(r["entry"]) for r in rows),
+                      "failed": ",".join(str(r["entry"]) for r in rows if r.get("status") != "ok")})
+        run.log_metrics({f"{row['entry']}.{key}": value for row in rows for key, value in row.items()
+                         if isinstance(value, (int, float)) and not isinstance(value, bool)})
+        columns = sorted({key for row in rows for key in row})
+        mlflow.log_table({key: [row.get(key) for row in rows] for key in columns}, artifact_file="study.json")
+        for path in files:
+            run.log_artifact(path)
+        return active.info.run_id
+
+
 # --- registry --------------------------------------------------------------------------------------------------
 #
 # Who is champion is a function of the registry's contents, not of the order registrations ran in: the champion is

@@ -1,4 +1,5 @@
-"""The Prefect flow runs the real stages end to end on Prefect's ephemeral local API (no server to set up)."""
+"""The pipeline flow on Prefect's ephemeral API (no server to set up), as `python flows/pipeline.py` runs it in a
+clone of the project: every stage through `dvc repro`, the run saved as a DVC experiment, and nothing run twice."""
 
 from __future__ import annotations
 
@@ -10,28 +11,63 @@ import sys
 
 import pytest
 
-from tests.pipeline.conftest import ROOT, write_tiny_params
+from tests.pipeline.conftest import make_project_repo
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-def test_the_flow_runs_every_stage_and_registers_the_model(tmp_path):
-    (tmp_path / ".dvc").mkdir()
-    write_tiny_params(tmp_path)
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "MLFLOW_DISABLE_TELEMETRY": "true",
+def _flow(repo, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PREFECT_HOME": str(repo.parent / "prefect"), "MLFLOW_DISABLE_TELEMETRY": "true",
            # the ephemeral server gets 20 s to start by default: too little on a busy 2-core CI machine
-           "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    env.pop("PREFECT_API_URL", None)
-    done = subprocess.run([sys.executable, str(ROOT / "flows/pipeline.py"), "--params", "params.yaml"], cwd=tmp_path,
-                          env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "Completed" in done.stdout + done.stderr
+           "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    for name in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL"):
+        env.pop(name, None)
+    return subprocess.run([sys.executable, "flows/pipeline.py", *args], cwd=repo, env=env, capture_output=True,
+                          text=True, timeout=900)
+
+
+def _find(node, name: str):
+    """The entry named `name` anywhere in `dvc exp show --json`'s nested lists and dicts."""
+    if isinstance(node, dict):
+        if node.get("name") == name:
+            return node
+        node = list(node.values())
+    if isinstance(node, list):
+        return next((found for item in node if (found := _find(item, name)) is not None), None)
+    return None
+
+
+def test_the_flow_runs_the_dvc_pipeline_as_an_experiment_then_runs_nothing(tmp_path):
+    repo = make_project_repo(tmp_path / "repo")
+    first = _flow(repo, "--name", "first", "-S", "finetune.lr=0.02")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     for which in ("finetune", "scratch"):
-        metrics = json.loads((tmp_path / f"runs/evaluate/{which}/metrics.json").read_text())
-        rows = list(csv.DictReader(open(tmp_path / f"runs/evaluate/{which}/predictions.csv")))
+        metrics = json.loads((repo / f"runs/evaluate/{which}/metrics.json").read_text())
+        rows = list(csv.DictReader(open(repo / f"runs/evaluate/{which}/predictions.csv")))
         assert len(rows) == metrics["videos"] > 0
         assert metrics["video_top1"] == pytest.approx(sum(r["actual"] == r["predicted"] for r in rows) / len(rows))
-    registration = json.loads((tmp_path / "runs/register/registration.json").read_text())
+    registration = json.loads((repo / "runs/register/registration.json").read_text())
     assert registration["alias"] == "champion" and registration["version"] == "1"
-    assert (tmp_path / "mlflow.db").is_file()  # tracked in the project's own store
+    assert (repo / "mlflow.db").is_file()  # tracked in the project's own store
+
+    dvc = [sys.executable, "-m", "dvc"]
+    status = json.loads(subprocess.run([*dvc, "status", "--json"], cwd=repo, capture_output=True, text=True,
+                                       check=True).stdout or "{}")
+    assert status == {}  # DVC recorded every stage the flow ran: dvc.lock is complete
+    shown = subprocess.run([*dvc, "exp", "show", "--json"], cwd=repo, capture_output=True, text=True, check=True)
+    first_exp = _find(json.loads(shown.stdout), "first")
+    assert first_exp is not None and "0.02" in json.dumps(first_exp)  # the override is the experiment's param
+
+    again = _flow(repo, "--name", "again", "-S", "finetune.lr=0.02")
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "Running stage" not in again.stdout + again.stderr  # DVC says up to date: the flow ran no stage
+
+
+def test_a_bad_override_or_target_stops_the_flow_before_any_stage(tmp_path):
+    repo = make_project_repo(tmp_path / "repo")
+    typo = _flow(repo, "-S", "finetune.lrr=0.1")
+    assert typo.returncode != 0 and "unknown key 'finetune.lrr'" in typo.stderr and "Did you mean" in typo.stderr
+    target = _flow(repo, "--target", "pretrian")
+    assert target.returncode != 0 and "no stage 'pretrian'" in target.stderr
+    assert "Running stage" not in typo.stdout + typo.stderr + target.stdout + target.stderr
+    assert not (repo / "data/raw").exists()

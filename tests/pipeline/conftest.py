@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,18 +24,38 @@ TINY = [
 ]
 
 
-def write_tiny_params(folder: Path) -> Path:
-    """params.yaml of the project with the TINY overrides applied (comments dropped, keys kept)."""
+def write_tiny_params(folder: Path, overrides: list[str] | tuple[str, ...] = ()) -> Path:
+    """params.yaml of the project with the TINY overrides (then `overrides`) applied (comments dropped, keys kept)."""
     import yaml
 
     from action3d.config import apply_override
 
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    for override in TINY:
+    for override in [*TINY, *overrides]:
         apply_override(raw, override)
     path = folder / "params.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
+
+
+def make_project_repo(folder: Path, overrides: list[str] | tuple[str, ...] = ()) -> Path:
+    """A fresh git + DVC repository holding the project as users clone it (dvc.yaml, the package's sources, flows,
+    prefect.yaml) with the tiny params (and `overrides`), committed on branch main. Returns `folder`."""
+    import subprocess
+
+    folder.mkdir(parents=True, exist_ok=True)
+    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info")
+    for name in ("dvc.yaml", "README.md", "prefect.yaml", ".gitignore", ".dvcignore"):
+        shutil.copy(ROOT / name, folder / name)
+    for name in ("src", "flows"):
+        shutil.copytree(ROOT / name, folder / name, ignore=ignore)
+    write_tiny_params(folder, overrides)
+    dvc = str(Path(sys.executable).parent / "dvc")
+    for argv in (["git", "init", "-q", "-b", "main"], ["git", "config", "user.email", "ci@example.com"],
+                 ["git", "config", "user.name", "ci"], [dvc, "init", "-q"], [dvc, "config", "core.analytics", "false"],
+                 ["git", "add", "-A"], ["git", "commit", "-qm", "the project, tiny params"]):
+        subprocess.run(argv, cwd=folder, check=True, capture_output=True)
+    return folder
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,250 @@
+"""The DVC workspace, driven from Python: the pipeline's stages, `dvc repro` of one of them, the remote, experiments.
+
+Prefect flows (flows/), tuning and the tests run the pipeline through here and never re-type `dvc.yaml`: DVC decides
+what is stale, records `dvc.lock` and caches the outputs. Commands run as subprocesses of this same venv (its
+`dvc` and `action3d` first on PATH) with the workspace's own `src/` first on PYTHONPATH, so a worker's fresh clone
+runs the code of the revision it checked out, not whatever the worker's venv was installed from.
+
+    ws = Workspace(".")
+    ws.check(overrides=["finetune.lr=0.01"], targets=["finetune"], remote=True)  # fails before any work starts
+    ws.set_params(["finetune.lr=0.01"])          # as `dvc exp run -S`: params.yaml edited, comments kept
+    for stage in ws.stages():
+        ws.repro(stage, pull=True)               # skipped when up to date; missing inputs pulled from the remote
+    ws.save_experiment("nightly-2026-11-30")    # `dvc exp save`: params, metrics and outputs as an experiment
+    ws.push_experiment("nightly-2026-11-30")    # `dvc exp push origin`: git ref + outputs to the DVC remote
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from action3d.atomic import write_atomic_text
+from action3d.config import ParamsError, load_params
+from action3d.errors import Action3dError
+
+RAN = re.compile(r"Running stage '([^']+)'")
+# what the push/pull commands print as their fix
+SETUP_HINT = "run `action3d remote setup s3://BUCKET/PREFIX` in the project (then commit .dvc/config)"
+
+
+class WorkspaceError(Action3dError):
+    """A DVC or git command failed, or the workspace lacks what a run needs; the message says which and the fix."""
+
+
+@dataclass(frozen=True)
+class Remote:
+    name: str
+    url: str
+    endpoint_url: str | None
+
+
+@dataclass
+class Workspace:
+    """A git + DVC checkout of the project (where dvc.yaml and params.yaml are)."""
+
+    root: Path
+    extra_env: dict[str, str] = field(default_factory=dict)  # e.g. CUDA_VISIBLE_DEVICES of one study entry
+
+    def __post_init__(self) -> None:
+        self.root = Path(self.root).resolve()
+        if not (self.root / "dvc.yaml").is_file():
+            raise WorkspaceError(f"{self.root}: no dvc.yaml here. Run from the project's folder (a clone of its git "
+                                 "repository), or pass the folder that holds dvc.yaml")
+
+    # ------------------------------------------------------------------------------------------------ commands
+
+    def env(self) -> dict[str, str]:
+        """This process's environment with the venv's tools first and the workspace's source first."""
+        env = dict(os.environ)
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+        src = self.root / "src"
+        if src.is_dir():
+            env["PYTHONPATH"] = os.pathsep.join([str(src), *filter(None, [env.get("PYTHONPATH")])])
+        env.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+        env.setdefault("DVC_NO_ANALYTICS", "1")
+        return {**env, **self.extra_env}
+
+    def run(self, *argv: str, check: bool = True, echo: bool = False) -> subprocess.CompletedProcess:
+        """Run a command in the workspace. `echo` streams its output (a training stage's epochs) as it comes."""
+        command = [str(a) for a in argv]
+        if echo:
+            lines: list[str] = []
+            with subprocess.Popen(command, cwd=self.root, env=self.env(), stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True, bufsize=1) as process:
+                for line in process.stdout:
+                    print(line, end="", flush=True)
+                    lines.append(line)
+            done = subprocess.CompletedProcess(command, process.returncode, "".join(lines), "")
+        else:
+            done = subprocess.run(command, cwd=self.root, env=self.env(), capture_output=True, text=True)
+        if check and done.returncode != 0:
+            tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-15:])
+            raise WorkspaceError(f"`{' '.join(command)}` failed with exit code {done.returncode} in {self.root}:\n"
+                                 f"{tail}")
+        return done
+
+    # ---------------------------------------------------------------------------------------------- pipeline
+
+    def stages(self, targets: list[str] | tuple[str, ...] = ()) -> list[str]:
+        """The stages of dvc.yaml in its order (foreach items expanded: `split@pretrain`); with `targets`, only
+        those and the stages upstream of them (what `dvc repro TARGET...` may run)."""
+        listed = self.run("dvc", "stage", "list", "--name-only").stdout.split()
+        if not targets:
+            return listed
+        unknown = [t for t in targets if t not in listed]
+        if unknown:
+            raise WorkspaceError(f"no stage {', '.join(map(repr, unknown))} in {self.root / 'dvc.yaml'}; the stages "
+                                 f"are: {', '.join(listed)}")
+        needed = {name for t in targets for name in re.findall(r'^"([^"]+)";$', self.run("dvc", "dag", "--dot", t)
+                                                                  .stdout, flags=re.M)}
+        return [name for name in listed if name in needed]
+
+    def set_params(self, overrides: list[str] | tuple[str, ...]) -> None:
+        """Write dotted overrides into params.yaml, as `dvc exp run -S` does: comments and order kept. Validated
+        first, so a bad key changes nothing."""
+        if not overrides:
+            return
+        path = self.root / "params.yaml"
+        load_params(path, overrides)
+        from ruamel.yaml import YAML
+
+        yaml = YAML()  # round-trip: the file keeps its comments
+        yaml.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
+        data = yaml.load(path.read_text())
+        for override in overrides:
+            dotted, text = override.split("=", 1)
+            *parents, leaf = dotted.strip().split(".")
+            node = data
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = YAML(typ="safe").load(text)
+        buffer = io.StringIO()
+        yaml.dump(data, buffer)
+        write_atomic_text(path, buffer.getvalue())
+
+    def repro(self, stage: str, *, pull: bool = False, single: bool = False) -> list[str]:
+        """`dvc repro STAGE` (and whatever upstream is stale); returns the stages DVC ran, [] when up to date.
+        `pull`: outputs of up-to-date stages and missing inputs come from the DVC remote instead of being made.
+        `single`: this stage alone (`--single-item`), for callers that run the stages in order themselves."""
+        argv = ["dvc", "repro", *(["--pull"] if pull else []), *(["--single-item"] if single else []), stage]
+        return RAN.findall(self.run(*argv, echo=True).stdout)
+
+    def status(self) -> dict:
+        """`dvc status --json`: the stages that are stale, and why ({} when everything is up to date)."""
+        return json.loads(self.run("dvc", "status", "--json").stdout or "{}")
+
+    def metrics(self) -> dict[str, float]:
+        """`dvc metrics show`: the workspace's metrics as flat dotted keys (`finetune.video_top1`)."""
+        shown = json.loads(self.run("dvc", "metrics", "show", "--json").stdout or "{}")
+        flat: dict[str, float] = {}
+
+        def walk(node, prefix: str) -> None:
+            if isinstance(node, dict):
+                for key, value in node.items():
+                    walk(value, f"{prefix}.{key}" if prefix else key)
+            else:
+                flat[prefix] = node
+
+        for revision in shown.values():  # one: the workspace ("" or "workspace", by DVC version)
+            for files in revision.get("data", {}).values():
+                walk(files.get("data", {}), "")
+        return flat
+
+    # ------------------------------------------------------------------------------------------ DVC remote
+
+    def remote(self) -> Remote | None:
+        """The default DVC remote, or None."""
+        found = self.run("dvc", "remote", "default", check=False)
+        name = found.stdout.strip()
+        if found.returncode != 0 or not name or " " in name:  # "No default remote set"
+            return None
+        url = self.run("dvc", "config", f"remote.{name}.url").stdout.strip()
+        endpoint = self.run("dvc", "config", f"remote.{name}.endpointurl", check=False).stdout.strip() or None
+        return Remote(name, url, endpoint)
+
+    def setup_remote(self, url: str, *, name: str = "storage", local: bool = False) -> Remote:
+        """Make `url` (s3://bucket/prefix) the default DVC remote, with the S3 endpoint of the environment
+        (AWS_ENDPOINT_URL...) so that every clone talks to the same server; checks the bucket answers first."""
+        from action3d.storage import S3Config, check_bucket, dvc_remote_commands
+
+        config = S3Config.from_env()
+        check_bucket(url, config=config)
+        for command in dvc_remote_commands(url, name=name, local=local, config=config):
+            self.run(*command)
+        return self.remote()
+
+    def check_remote(self) -> Remote:
+        """The default remote, reachable; else a WorkspaceError/StorageError that says what to fix."""
+        remote = self.remote()
+        if remote is None:
+            raise WorkspaceError(f"{self.root}: no DVC remote is configured, so a worker cannot get the data: "
+                                 f"{SETUP_HINT}")
+        if remote.url.startswith("s3://"):
+            from action3d.storage import S3Config, check_bucket
+
+            check_bucket(remote.url, config=S3Config.from_env(endpoint_url=remote.endpoint_url))
+        elif "://" not in remote.url and not (self.root / remote.url).exists() and not Path(remote.url).exists():
+            raise WorkspaceError(f"DVC remote {remote.name!r} is the folder {remote.url}, which does not exist "
+                                 f"here: create it or {SETUP_HINT}")
+        return remote
+
+    # ------------------------------------------------------------------------------------- git and experiments
+
+    def commit(self) -> str:
+        return self.run("git", "rev-parse", "HEAD").stdout.strip()
+
+    def checkout(self, revision: str) -> str:
+        """Check out a branch, tag or commit (fetched from origin when not here); returns the commit."""
+        found = self.run("git", "rev-parse", "--verify", "--quiet", f"{revision}^{{commit}}", check=False)
+        if found.returncode != 0 and self.has_git_remote("origin"):
+            self.run("git", "fetch", "--quiet", "origin", check=False)
+            found = self.run("git", "rev-parse", "--verify", "--quiet", f"origin/{revision}^{{commit}}", check=False)
+        if found.returncode != 0:
+            branches = self.run("git", "branch", "-a", "--format=%(refname:short)", check=False).stdout.split()
+            raise WorkspaceError(f"git revision {revision!r} does not exist in {self.root} or its origin. Push it "
+                                 f"first, or pick one of: {', '.join(branches) or '(no branches)'}")
+        self.run("git", "checkout", "--quiet", found.stdout.strip())
+        self.run("dvc", "checkout", "--quiet", check=False)  # the data of that revision, where the cache has it
+        return found.stdout.strip()
+
+    def has_git_remote(self, name: str = "origin") -> bool:
+        return name in self.run("git", "remote", check=False).stdout.split()
+
+    def save_experiment(self, name: str, stages: list[str] | tuple[str, ...] = ()) -> None:
+        """`dvc exp save -n NAME`: the workspace's params, metrics and outputs as an experiment on HEAD; `stages`
+        limits it to the stages a run made (the others' outputs may not be in this workspace)."""
+        self._ensure_git_identity()
+        self.run("dvc", "exp", "save", "--force", "--name", name, *stages)
+
+    def push_experiment(self, name: str, git_remote: str = "origin", *, cache: bool = True) -> None:
+        """`dvc exp push`: the experiment's git ref to `git_remote`; with `cache`, its outputs and the stages' run
+        cache to the default DVC remote (so another worker restores those stages instead of running them)."""
+        self.run("dvc", "exp", "push", "--force", *(["--run-cache"] if cache else ["--no-cache"]), git_remote, name)
+
+    def _ensure_git_identity(self) -> None:
+        # a fresh worker has no git identity; an experiment is a commit and needs one
+        if not self.run("git", "config", "user.email", check=False).stdout.strip():
+            self.run("git", "config", "user.email", "worker@action3d.invalid")
+            self.run("git", "config", "user.name", "action3d worker")
+
+    # ------------------------------------------------------------------------------------------- preflight
+
+    def check(self, *, overrides: list[str] | tuple[str, ...] = (), targets: list[str] | tuple[str, ...] = (),
+              remote: bool = False) -> list[str]:
+        """Everything a run needs, checked before any work: params with the overrides, the targets (stage names),
+        and the DVC remote when asked. Returns the stages to run, in order."""
+        try:
+            load_params(self.root / "params.yaml", overrides)
+        except ParamsError as err:
+            raise WorkspaceError(str(err)) from None
+        stages = self.stages(targets)
+        if remote:
+            self.check_remote()
+        return stages

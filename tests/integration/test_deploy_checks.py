@@ -1,0 +1,50 @@
+"""flows/deploy.py stops before deploying anything, with one message that says what to do, when what the
+deployments need is missing: the Prefect API, the git repository or branch workers clone, the DVC remote."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.pipeline.conftest import make_project_repo
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    return make_project_repo(tmp_path_factory.mktemp("deploy") / "repo")
+
+
+def _deploy(repo, *args, **env_changes):
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", **env_changes}
+    env = {k: v for k, v in env.items() if v is not None}
+    done = subprocess.run([sys.executable, "flows/deploy.py", *args], cwd=repo, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stdout + done.stderr
+    return done.stderr
+
+
+def test_no_api_url_says_how_to_start_a_server(repo):
+    assert "PREFECT_API_URL is not set" in _deploy(repo, PREFECT_API_URL=None)
+
+
+def test_an_api_that_does_not_answer_is_named(repo, free_port):
+    url = f"http://127.0.0.1:{free_port()}/api"
+    message = _deploy(repo, PREFECT_API_URL=url)
+    assert f"the Prefect API at {url} does not answer" in message and "make prefect-server" in message
+
+
+def test_a_repository_or_branch_workers_cannot_clone(repo, tmp_path):
+    message = _deploy(repo, "--repository", str(tmp_path / "nowhere.git"), PREFECT_API_URL=None)
+    assert "workers cannot clone" in message and "nowhere.git" in message
+    message = _deploy(repo, "--branch", "no-such-branch", PREFECT_API_URL=None)
+    assert "has no branch 'no-such-branch'" in message and "git push origin no-such-branch" in message
+
+
+def test_a_missing_dvc_remote_when_required(repo):
+    message = _deploy(repo, "--require-remote", PREFECT_API_URL=None)
+    assert "no DVC remote is configured" in message and "action3d remote setup" in message

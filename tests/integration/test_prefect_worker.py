@@ -1,0 +1,154 @@
+"""A scheduled run as users make it: a Prefect server and a process worker on loopback, the project deployed from
+prefect.yaml (flows/deploy.py), moto's S3 as the DVC remote and MLflow's artifact store, a real MLflow server.
+
+The worker clones a bare `origin` repository, pulls nothing it does not need, runs the pipeline through DVC, and
+pushes the run back as a DVC experiment. The training process is killed once mid-run; the retried task resumes
+from its checkpoint. A second fresh clone then pulls the experiment and gets the very files the worker made."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.pipeline.conftest import make_project_repo
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+BIN = Path(sys.executable).parent
+EPOCHS = 3
+
+
+def _run(cwd: Path, *argv, env: dict | None = None, check: bool = True, timeout: int = 600):
+    done = subprocess.run([str(a) for a in argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert done.returncode == 0, f"{argv} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done
+
+
+def _training_process(stage: str) -> tuple[int, Path] | None:
+    """(pid, working directory) of a running `action3d stage <stage>` under a worker, if any."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            if b"stage" in argv and stage.encode() in argv and any(a.endswith(b"action3d") for a in argv[:2]):
+                return int(proc.name), Path(os.readlink(proc / "cwd"))
+        except OSError:
+            continue
+    return None
+
+
+def _kill_mid_run(deadline: float) -> int:
+    """SIGKILL the worker's pretrain process once it has written a checkpoint and not yet finished; returns the
+    epochs that checkpoint holds. Read with the process stopped, so it cannot train on while we look."""
+    while time.monotonic() < deadline:
+        found = _training_process("pretrain")
+        if found:
+            pid, cwd = found
+            checkpoints = list(cwd.glob("runs/pretrain/checkpoints/*/last.pt"))
+            if checkpoints:
+                os.kill(pid, signal.SIGSTOP)
+                epoch = torch.load(checkpoints[0], map_location="cpu", weights_only=True)["epoch"]
+                os.kill(pid, signal.SIGKILL)
+                return epoch
+        time.sleep(0.05)
+    pytest.fail("the worker's pretrain stage never wrote a checkpoint")
+
+
+def test_a_deployed_run_on_a_worker_is_pulled_back_byte_identical(tmp_path, s3_bucket, s3_env, mlflow_s3_server,
+                                                                   start_server, free_port, monkeypatch):
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
+           "MLFLOW_TRACKING_URI": mlflow_s3_server.tracking_uri, "MLFLOW_DISABLE_TELEMETRY": "true",
+           "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "GIT_CONFIG_GLOBAL": str(tmp_path / "gitconfig")}  # a worker with no git identity of its own
+    env.pop("PYTHONPATH", None)
+
+    # The project as a user has it: the remote set up by our command, pushed to `origin` (a bare repository).
+    project = make_project_repo(tmp_path / "project", [f"pretrain.epochs={EPOCHS}",
+                                                       f"storage.checkpoints=s3://{s3_bucket}/checkpoints"])
+    _run(project, BIN / "action3d", "remote", "setup", f"s3://{s3_bucket}/dvc", env=env)
+    _run(project, "git", "add", ".dvc/config", env=env)
+    _run(project, "git", "commit", "-qm", "DVC remote on S3", env=env)
+    origin = tmp_path / "origin.git"
+    _run(tmp_path, "git", "clone", "-q", "--bare", project, origin, env=env)
+
+    port = free_port()
+    env["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
+    server = [BIN / "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    with start_server([str(a) for a in server], port=port, health_path="/api/health", env=env,
+                      log_path=tmp_path / "prefect-server.log", timeout=240):
+        # our deploy script stops on a missing pool before deploying anything
+        missing = _run(project, sys.executable, "flows/deploy.py", "--repository", origin, env=env, check=False)
+        assert missing.returncode == 2 and "work pool 'gpu'" in missing.stderr and "prefect work-pool create" in (
+            missing.stderr)
+        _run(project, BIN / "prefect", "work-pool", "create", "gpu", "--type", "process", env=env)
+        _run(project, sys.executable, "flows/deploy.py", "--repository", origin, "--require-remote", env=env)
+
+        (tmp_path / "worker").mkdir()
+        worker = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "gpu"], cwd=tmp_path / "worker",
+                                  env=env, stdout=open(tmp_path / "worker.log", "wb"), stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+        try:
+            trigger = subprocess.Popen(
+                [str(BIN / "prefect"), "deployment", "run", "action3d-pipeline/pipeline", "--param",
+                 "experiment=ci-nightly", "--param", "retry_delay_seconds=1", "--watch", "--watch-timeout", "900"],
+                cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            killed_at = _kill_mid_run(time.monotonic() + 600)
+            output, _ = trigger.communicate(timeout=900)
+        finally:
+            os.killpg(worker.pid, signal.SIGTERM)
+            worker.wait(timeout=60)
+        log = (tmp_path / "worker.log").read_text(errors="replace")
+        assert "Completed" in output, output[-3000:] + log[-5000:]
+        assert 1 <= killed_at < EPOCHS
+
+        # Prefect: the pretrain task ran twice (killed, retried), every other stage once
+        monkeypatch.setenv("PREFECT_API_URL", env["PREFECT_API_URL"])
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+
+        flow_run_name = next(line.split("'")[1] for line in output.splitlines() if "Created flow run" in line)
+        with get_client(sync_client=True) as client:
+            flow_run = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(
+                any_=[flow_run_name])))[0]
+            assert flow_run.state.is_completed()
+            task_runs = {t.name: t for t in client.read_task_runs(flow_run_filter=FlowRunFilter(
+                id={"any_": [flow_run.id]}))}
+        assert task_runs["pretrain"].run_count == 2 and task_runs["finetune"].run_count == 1
+
+    # MLflow: the resumed pretrain run links to the killed one and trained only the epochs after the kill
+    from mlflow import MlflowClient
+
+    mlflow = MlflowClient(mlflow_s3_server.tracking_uri)
+    experiment = mlflow.get_experiment_by_name("action3d")
+    pretrain_runs = mlflow.search_runs([experiment.experiment_id], "tags.stage = 'pretrain'",
+                                       order_by=["attributes.start_time DESC"])
+    resumed = pretrain_runs[0]
+    assert resumed.data.tags["resumed_from"] == pretrain_runs[1].info.run_id
+    assert resumed.data.metrics["epochs_resumed"] == killed_at
+    champion = mlflow.get_model_version_by_alias("action3d-demo", "champion")
+
+    # A laptop: a fresh clone pulls the experiment and gets the worker's outputs, checked against dvc.lock's md5s
+    laptop = tmp_path / "laptop"
+    _run(tmp_path, "git", "clone", "-q", "-b", "main", origin, laptop, env=env)
+    _run(laptop, BIN / "dvc", "exp", "pull", "origin", "ci-nightly", env=env)
+    shown = json.loads(_run(laptop, BIN / "dvc", "exp", "show", "--json", env=env).stdout)
+    assert "ci-nightly" in json.dumps(shown)
+    _run(laptop, BIN / "dvc", "exp", "apply", "ci-nightly", env=env)
+    _run(laptop, BIN / "dvc", "checkout", env=env)
+    assert json.loads(_run(laptop, BIN / "dvc", "status", "--json", env=env).stdout or "{}") == {}
+    run_info = json.loads((laptop / "runs/finetune/run.json").read_text())
+    assert run_info["run_id"] == champion.run_id
+    logged = Path(mlflow.download_artifacts(run_info["run_id"], "checkpoint/model.pt", str(tmp_path / "logged")))
+    assert logged.read_bytes() == (laptop / "runs/finetune/model.pt").read_bytes()
+    metrics = json.loads((laptop / "runs/metrics.json").read_text())
+    assert metrics["finetune"]["video_top1"] >= 0
