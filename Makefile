@@ -12,7 +12,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 export MLFLOW_DISABLE_TELEMETRY := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: setup run test test-fast bench clean prefect-server worker deploy study remote
+.PHONY: setup run test test-fast bench clean prefect-server worker deploy study remote tune optuna-dashboard
 
 setup: $(STAMP)
 
@@ -57,6 +57,15 @@ deploy: $(STAMP)
 # the architecture study of params.yaml (study.entries), on Prefect's ephemeral API
 study: $(STAMP)
 	$(BIN)/python flows/study.py
+
+# Optuna: the study of params.yaml's tune section (WORKERS processes), and its dashboard on the default journal file
+WORKERS ?= 2
+tune: $(STAMP)
+	action3d tune --n-workers $(WORKERS)
+
+STUDY ?= $(shell $(BIN)/python -c "from action3d.tune import setup; print(setup().storage_url)" 2>/dev/null)
+optuna-dashboard: $(STAMP)
+	optuna-dashboard --host 127.0.0.1 --port 8080 $(STUDY)
 
 # the DVC remote workers pull from and push to: make remote URL=s3://bucket/prefix (AWS_* variables for the endpoint)
 remote: $(STAMP)

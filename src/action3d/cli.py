@@ -202,6 +202,17 @@ def _cmd_report(args) -> None:
     print(report(Path(args.runs)))
 
 
+def _cmd_tune(args) -> dict | None:
+    from action3d import tune
+
+    if args.worker:  # one of --n-workers' extra processes: trials only, the first process reports
+        tune.work(tune.setup(args.params, args.set), args.parent_run)
+        return None
+    result = tune.tune(args.params, args.set, n_workers=args.n_workers, apply=args.apply)
+    print(json.dumps({k: v for k, v in result.items() if k != "applied"}, default=str))
+    return result
+
+
 def _cmd_remote(args) -> None:
     from action3d.workspace import Workspace
 
@@ -246,6 +257,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("dir" if name == "push" else "uri")
         p.add_argument("uri" if name == "push" else "dir")
         p.set_defaults(func=func)
+
+    tune = sub.add_parser("tune", parents=[common], help="Optuna: search tune.space of params.yaml for the target "
+                                                        "stage (tune.target), pruning bad trials")
+    tune.add_argument("--n-workers", type=int, default=1, help="processes on the study (default 1)")
+    tune.add_argument("--apply", action="store_true", help="write the best trial's knobs into params.yaml")
+    tune.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # an extra process of --n-workers
+    tune.add_argument("--parent-run", default=None, help=argparse.SUPPRESS)
+    tune.set_defaults(func=_cmd_tune)
 
     remote = sub.add_parser("remote", help="the DVC remote on S3 that workers pull data from and push results to")
     remotes = remote.add_subparsers(dest="remote_command", required=True)

@@ -186,6 +186,67 @@ class Study(Section):
         return value
 
 
+class Distribution(Section):
+    """One knob's search range in `tune.space`: float (log for rates), int (step), or categorical (choices)."""
+
+    type: Literal["float", "int", "categorical"]
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.type == "categorical":
+            if not self.choices:
+                raise ValueError("a categorical distribution needs choices: [a, b, ...]")
+            return self
+        if self.low is None or self.high is None:
+            raise ValueError(f"a {self.type} distribution needs low and high")
+        if self.low > self.high:
+            raise ValueError(f"low ({self.low}) is above high ({self.high}): swap them")
+        if self.log and self.low <= 0:
+            raise ValueError(f"log: true needs low > 0 (got {self.low}): a log scale has no zero")
+        if self.log and self.step is not None:
+            raise ValueError("log and step do not combine (Optuna samples one or the other)")
+        if self.type == "int" and (self.low != int(self.low) or self.high != int(self.high)):
+            raise ValueError(f"an int distribution needs whole low and high (got {self.low}, {self.high})")
+        return self
+
+
+class Tune(Section):
+    """Hyperparameter tuning (`action3d tune`): a stage's function run per trial, its metric maximised."""
+
+    target: Literal["finetune", "scratch", "pretrain"] = "finetune"
+    metric: str = "val_video_top1"  # reported every epoch; the trial's value is its best epoch
+    direction: Literal["maximize", "minimize"] = "maximize"
+    trials: int = Field(12, ge=1)  # complete + pruned, over every worker
+    timeout: float | None = None  # seconds per worker, null = none
+    sampler: Literal["tpe", "random"] = "tpe"
+    pruner: Literal["median", "hyperband", "none"] = "median"
+    startup_trials: int = Field(3, ge=0)  # trials before TPE models and the median pruner prunes
+    warmup_epochs: int = Field(2, ge=0)  # epochs of every trial the median pruner never prunes
+    storage: str | None = None  # null = a journal file runs/tune/<study>.journal; or an RDB URL (postgresql://...)
+    study: str | None = None  # null = the target's name
+    grace_period: float = Field(900, gt=0)  # seconds without an epoch after which a running trial counts as dead
+    space: dict[str, Distribution] = {}
+
+    @field_validator("space")
+    @classmethod
+    def _known_keys(cls, space):
+        known = set(_known_keys())
+        for key in space:
+            if key not in known and not key.startswith("model.kwargs."):
+                close = difflib.get_close_matches(key, sorted(known), n=1)
+                hint = f" Did you mean '{close[0]}'?" if close else ""
+                raise ValueError(f"'{key}' is not a params key.{hint} Keys are dotted paths of params.yaml "
+                                 "(finetune.lr, clip.stride, ...)")
+            if key.startswith(("tune.", "study.")):
+                raise ValueError(f"'{key}': tuning the tuner is not supported")
+        return space
+
+
 class Params(Section):
     seed: int = 0
     synth: Synth = Synth()
@@ -202,6 +263,7 @@ class Params(Section):
     tracking: Tracking = Tracking()
     storage: Storage = Storage()
     study: Study = Study()
+    tune: Tune = Tune()
 
     @model_validator(mode="after")
     def _scratch_epochs_default(self):

@@ -290,6 +290,15 @@ def known_run(run_id: str, *, tracking_uri: str) -> bool:
     return True
 
 
+def tag_run(run_id: str, tags: Mapping[str, Any], *, tracking_uri: str, status: str | None = None) -> None:
+    """Set tags on a finished run, and optionally its final status (FINISHED, FAILED, KILLED)."""
+    client = MlflowClient(tracking_uri)
+    for key, value in tags.items():
+        client.set_tag(run_id, key, str(value))
+    if status:
+        client.set_terminated(run_id, status)
+
+
 @contextlib.contextmanager
 def start_stage_run(
     stage: str,

@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+from collections.abc import Callable
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +32,31 @@ from action3d.plots import plot_history
 from action3d.progress import say
 from action3d.stages.common import cache_digest, digest, pick_device, project_root, tracking_uri, write_csv, write_json
 from action3d.storage import file_md5
+
+
+@dataclass
+class StageHooks:
+    """What a caller that runs training stages in-process (tuning) adds to them: tags on their MLflow run and a
+    callback after every epoch, which may raise to stop the run (a pruned trial). The stage fills in its MLflow
+    `run_id` and, when it finishes, the `history` of every epoch (resumed ones included)."""
+
+    tags: dict[str, Any] = field(default_factory=dict)
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None
+    run_id: str | None = None
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+_HOOKS: ContextVar[StageHooks | None] = ContextVar("stage_hooks", default=None)
+
+
+@contextlib.contextmanager
+def stage_hooks(hooks: StageHooks):
+    """Apply `hooks` to the training stages run inside the block."""
+    token = _HOOKS.set(hooks)
+    try:
+        yield hooks
+    finally:
+        _HOOKS.reset(token)
 
 
 def _has_rows(manifest: Path) -> bool:
@@ -113,15 +141,17 @@ def train_stage(
     barrier()  # the other ranks resume from what rank 0 restored
 
     run_id_file = checkpoint_dir / "mlflow_run_id"
+    hooks = _HOOKS.get() or StageHooks()
     tracked = _tracked_run(
         params, stage=stage, run_id_file=run_id_file, parent_run_id=parent_run_id,
-        tags={**(tags or {}), "world_size": info.world_size},
+        tags={**(tags or {}), "world_size": info.world_size, **hooks.tags},
         digests={k: v for k, v in input_md5.items() if k in ("train", "val")},
     ) if info.is_main else contextlib.nullcontext()  # fmt: skip
 
     with tracked as run:
         if run is not None:
             run_id_file.write_text(run.run_id)
+            hooks.run_id = run.run_id
             run.log_manifest(train_csv, context="train", digest=input_md5["train"])
             if val_loader is not None:
                 run.log_manifest(val_csv, context="val")
@@ -134,6 +164,8 @@ def train_stage(
             if run is not None:
                 run.log_epoch(metrics, step=epoch)
             mirror()
+            if hooks.on_epoch is not None:
+                hooks.on_epoch(epoch, metrics)  # tuning: report to the pruner, which may stop the run here
 
         monitor = "val_video_top1" if val_loader is not None else "train_top1"
         result = engine.fit(
@@ -142,6 +174,7 @@ def train_stage(
             autocast_dtype=torch.bfloat16 if train_cfg.bf16 else None, channels_last=train_cfg.channels_last,
             grad_clip=train_cfg.grad_clip, monitor=monitor, on_epoch_end=on_epoch_end,
         )  # fmt: skip
+        hooks.history = result["history"]
         last = result["history"][-1]
         metrics = {"best_epoch": result["best_epoch"], f"best_{monitor}": result["best_metric"],
                    "final_train_loss": last["train_loss"], "final_train_top1": last["train_top1"],

@@ -1,0 +1,445 @@
+"""Hyperparameter tuning with Optuna: each trial runs a training stage's own function with sampled overrides.
+
+    action3d tune                          # params.yaml's tune section: target stage, space, trials, sampler, pruner
+    action3d tune --n-workers 2            # two processes on one study (a journal file is safe for that)
+    action3d tune --apply                  # write the best trial's knobs into params.yaml (the diff is shown)
+
+The target stage (`tune.target`: finetune, scratch or pretrain) runs exactly as `dvc repro` runs it: its command
+line is read from dvc.yaml, its inputs are the pipeline's (run `dvc repro <target>` first), and it writes into
+runs/tune/<study>/<trial knobs digest>/ instead of its own folder. Every epoch reports `tune.metric` to the
+pruner, which may stop the trial; the trial's value is its best epoch.
+
+Storage: a journal file (runs/tune/<study>.journal) by default, safe for several processes on one machine; any
+RDB URL (PostgreSQL) for many machines. A trial whose worker died (its process is gone, or no epoch for
+`tune.grace_period` seconds) is marked failed and its knobs queued again; it resumes from that trial's checkpoint.
+
+MLflow: the study is a parent run (`tune-<study>`); each trial is the stage's own run, nested under it, with its
+knobs, per-epoch metrics and tags trial / trial_state (COMPLETE, PRUNED, FAIL); the parent gets the best knobs,
+the optimisation history and the parameter importances as PNG files.
+
+This module alone imports optuna.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import hashlib
+import os
+import shlex
+import socket
+import subprocess
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+import yaml
+from optuna.trial import TrialState
+
+from action3d.config import Params, load_params
+from action3d.errors import Action3dError
+from action3d.progress import say
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+class TuneError(Action3dError):
+    """Tuning cannot start or go on: the message names the key, URL or study and the fix."""
+
+
+@dataclass(frozen=True)
+class Setup:
+    """Everything a tuning worker needs, from params.yaml and the command line."""
+
+    root: Path  # the project (dvc.yaml, params.yaml)
+    params_path: Path
+    overrides: tuple[str, ...]  # the command line's -S, under every trial's own
+    params: Params
+
+    @property
+    def tune(self):
+        return self.params.tune
+
+    @property
+    def study_name(self) -> str:
+        return self.tune.study or self.tune.target
+
+    @property
+    def storage_url(self) -> str:
+        return self.tune.storage or str(self.root / "runs" / "tune" / f"{self.study_name}.journal")
+
+    @property
+    def out_dir(self) -> Path:
+        return self.root / "runs" / "tune" / self.study_name
+
+
+def setup(params_path: str | Path = "params.yaml", overrides: list[str] | tuple[str, ...] = ()) -> Setup:
+    params_path = Path(params_path).resolve()
+    params = load_params(params_path, overrides)
+    if not params.tune.space:
+        raise TuneError(f"{params_path}: tune.space is empty: add the knobs to search, e.g.\n  tune:\n    space:\n"
+                        "      finetune.lr: {type: float, low: 0.001, high: 0.1, log: true}")
+    return Setup(params_path.parent, params_path, tuple(overrides), params)
+
+
+# --------------------------------------------------------------------------------------------- the study
+
+
+def storage(s: Setup):
+    """The Optuna storage: a journal file (default) or an RDB URL, reachable, or a TuneError naming it."""
+    url = s.storage_url
+    if "://" not in url:
+        from optuna.storages.journal import JournalFileBackend
+
+        Path(url).parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.JournalStorage(JournalFileBackend(url))
+    try:
+        return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+    except Exception as err:  # noqa: BLE001 - sqlalchemy's many connection errors: one message
+        shown = _masked(url)
+        raise TuneError(f"cannot open the Optuna storage {shown}: {str(err).splitlines()[0]}. Check that the "
+                        "database server is up and the URL (tune.storage) is right") from None
+
+
+def _masked(url: str) -> str:
+    from action3d.stages.common import shareable_uri
+
+    return shareable_uri(url)
+
+
+def sampler(s: Setup) -> optuna.samplers.BaseSampler:
+    if s.tune.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=s.params.seed)
+    return optuna.samplers.TPESampler(seed=s.params.seed, n_startup_trials=s.tune.startup_trials)
+
+
+def pruner(s: Setup) -> optuna.pruners.BasePruner:
+    if s.tune.pruner == "none":
+        return optuna.pruners.NopPruner()
+    if s.tune.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=max(1, s.tune.warmup_epochs), max_resource=_epochs(s))
+    return optuna.pruners.MedianPruner(n_startup_trials=s.tune.startup_trials, n_warmup_steps=s.tune.warmup_epochs)
+
+
+def _epochs(s: Setup) -> int:
+    return getattr(s.params, s.tune.target).epochs
+
+
+def open_study(s: Setup) -> optuna.Study:
+    """Create the study, or load it; a study of that name optimising the other way is an error."""
+    store = storage(s)
+    try:
+        study = optuna.create_study(study_name=s.study_name, storage=store, sampler=sampler(s), pruner=pruner(s),
+                                    direction=s.tune.direction, load_if_exists=True)
+    except ValueError as err:
+        raise TuneError(f"Optuna study {s.study_name!r} in {_masked(s.storage_url)}: {err}. Name another study "
+                        "(tune.study) or use the direction it was made with") from None
+    wanted = optuna.study.StudyDirection.MAXIMIZE if s.tune.direction == "maximize" else (
+        optuna.study.StudyDirection.MINIMIZE)
+    if study.direction != wanted:
+        raise TuneError(f"Optuna study {s.study_name!r} in {_masked(s.storage_url)} exists and is set to "
+                        f"{study.direction.name.lower()}, not {s.tune.direction}: name another study (tune.study) "
+                        "or set tune.direction to match")
+    return study
+
+
+def suggest(trial: optuna.Trial, s: Setup) -> list[str]:
+    """The trial's overrides (`finetune.lr=0.0123`), sampled from tune.space."""
+    overrides = []
+    for key, dist in s.tune.space.items():
+        if dist.type == "categorical":
+            value = trial.suggest_categorical(key, dist.choices)
+        elif dist.type == "int":
+            value = trial.suggest_int(key, int(dist.low), int(dist.high), step=int(dist.step or 1), log=dist.log)
+        else:
+            value = trial.suggest_float(key, dist.low, dist.high, step=dist.step, log=dist.log)
+        overrides.append(f"{key}={_yaml_value(value)}")
+    return overrides
+
+
+def _yaml_value(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+# ------------------------------------------------------------------------------------- the target stage
+
+
+def stage_argv(s: Setup) -> list[str]:
+    """The target stage's command line from dvc.yaml (without `action3d`), so a trial runs what DVC runs."""
+    spec = yaml.safe_load((s.root / "dvc.yaml").read_text())["stages"].get(s.tune.target)
+    if not spec or "cmd" not in spec:
+        raise TuneError(f"dvc.yaml has no stage {s.tune.target!r} with a cmd; tune.target must be a training stage")
+    argv = shlex.split(spec["cmd"] if isinstance(spec["cmd"], str) else " ".join(spec["cmd"]))
+    if argv[:2] != ["action3d", "stage"]:
+        raise TuneError(f"dvc.yaml's stage {s.tune.target!r} does not run `action3d stage ...`: {spec['cmd']}")
+    missing = [d for d in spec.get("deps", []) if not d.startswith("src/") and not (s.root / d).exists()]
+    if missing:
+        raise TuneError(f"tuning {s.tune.target} needs its inputs ({', '.join(missing)} missing): run "
+                        f"`dvc repro {s.tune.target}` first")
+    return argv[1:]
+
+
+def run_stage(s: Setup, overrides: list[str], out_dir: Path) -> dict:
+    """The target stage's function on its dvc.yaml inputs with `overrides`, writing into `out_dir`."""
+    from action3d.cli import build_parser
+
+    args = build_parser().parse_args([*stage_argv(s), "--params", str(s.params_path),
+                                      *[a for o in [*s.overrides, *overrides] for a in ("-S", o)]])
+    args.out = str(out_dir)
+    cwd = os.getcwd()
+    os.chdir(s.root)  # dvc.yaml's paths are relative to the project
+    try:
+        return args.func(args)
+    finally:
+        os.chdir(cwd)
+
+
+# ------------------------------------------------------------------------------------------------ trials
+
+
+def objective(s: Setup, parent_run_id: str | None):
+    from action3d.stages.training import StageHooks, stage_hooks
+
+    def run_trial(trial: optuna.Trial) -> float:
+        overrides = suggest(trial, s)
+        load_params(s.params_path, [*s.overrides, *overrides])  # a bad combination fails the trial, clearly
+        digest = hashlib.sha256("\n".join(sorted(overrides)).encode()).hexdigest()[:12]
+        trial.set_user_attr("overrides", overrides)
+        _beat(trial)
+
+        reported: dict[int, float] = {}  # epoch -> metric, as this process trained them
+
+        def report(epoch: int, metrics: dict[str, float]) -> None:
+            _beat(trial)
+            if s.tune.metric not in metrics:
+                raise TuneError(f"tune.metric {s.tune.metric!r} is not a metric of {s.tune.target}'s epochs: "
+                                f"choose one of {', '.join(sorted(metrics))}")
+            reported[epoch] = float(metrics[s.tune.metric])
+            trial.report(reported[epoch], epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"{s.tune.metric} {metrics[s.tune.metric]:.4g} at epoch {epoch}")
+
+        tags = {"study": s.study_name, "trial": trial.number, **({"mlflow.parentRunId": parent_run_id}
+                                                                 if parent_run_id else {})}
+        hooks = StageHooks(tags=tags, on_epoch=report)
+        say(f"[tune] trial {trial.number}: {' '.join(overrides)}")
+        try:
+            with stage_hooks(hooks):
+                run_stage(s, overrides, s.out_dir / digest)
+        except optuna.TrialPruned:
+            _trial_state(hooks.run_id, "PRUNED")
+            raise
+        except Exception:
+            _trial_state(hooks.run_id, "FAIL")
+            raise
+        _trial_state(hooks.run_id, "COMPLETE")
+        # the trial's value: its best epoch (a resumed trial reports only the epochs it trained; the stage's
+        # history has them all)
+        history = {int(row.get("epoch", i + 1)): float(row[s.tune.metric])
+                   for i, row in enumerate(hooks.history) if s.tune.metric in row}
+        for epoch, value in history.items():  # epochs a resumed trial did not train here: on the record too
+            if epoch not in reported:
+                trial.report(value, epoch)
+        values = list(history.values()) or list(reported.values())
+        return (max if s.tune.direction == "maximize" else min)(values)
+
+    return run_trial
+
+
+def _beat(trial: optuna.Trial) -> None:
+    """Who runs the trial and when it last finished an epoch: how other workers tell a dead trial."""
+    trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid(), "beat": time.time()})
+
+
+def _trial_state(run_id: str | None, state: str) -> None:
+    if run_id:
+        from action3d.stages.common import tracking_uri
+        from action3d.tracking import tag_run
+
+        tag_run(run_id, {"trial_state": state}, tracking_uri=tracking_uri(),
+                status={"PRUNED": "KILLED", "FAIL": "FAILED"}.get(state))
+
+
+def requeue_dead_trials(study: optuna.Study, grace_period: float) -> list[int]:
+    """Mark running trials whose worker is gone as failed and queue their knobs again; returns their numbers.
+
+    A trial is dead when its worker was on this machine and its process no longer exists, or when it has not
+    finished an epoch for `grace_period` seconds. Only the worker whose FAIL write wins re-queues it (Optuna
+    refuses to finish a trial twice), so a dead trial is run again exactly once. The retry resumes from the dead
+    trial's checkpoint: same knobs, same folder, same resume key.
+    """
+    requeued = []
+    for frozen in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker = frozen.user_attrs.get("worker") or {}
+        local = worker.get("host") == socket.gethostname()
+        gone = local and not _alive(worker.get("pid"))
+        silent = time.time() - worker.get("beat", frozen.datetime_start.timestamp()) > grace_period
+        if not (gone or silent):
+            continue
+        try:  # FrozenTrial has no public trial id; the storage API needs it
+            study._storage.set_trial_state_values(frozen._trial_id, TrialState.FAIL)
+        except Exception:  # noqa: BLE001 - another worker finished or failed it first
+            continue
+        study.enqueue_trial(frozen.params, user_attrs={"retry_of": frozen.number})
+        requeued.append(frozen.number)
+        say(f"[tune] trial {frozen.number} lost its worker ({'process gone' if gone else 'no epoch for a while'}):"
+            " queued again")
+    return requeued
+
+
+def _alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def work(s: Setup, parent_run_id: str | None) -> None:
+    """One worker: trials until the study holds `tune.trials` finished ones (over every worker) or time runs out."""
+    study = open_study(s)
+    requeue_dead_trials(study, s.tune.grace_period)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    done = optuna.study.MaxTrialsCallback(s.tune.trials, states=FINISHED)
+    if _finished(study) < s.tune.trials:
+        study.optimize(objective(s, parent_run_id), n_trials=s.tune.trials, timeout=s.tune.timeout,
+                       callbacks=[done, _announce], catch=(Action3dError,), gc_after_trial=True)
+
+
+def _finished(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=FINISHED))
+
+
+def _announce(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    value = "" if trial.value is None else f" = {trial.value:.4g}"
+    epochs = max(trial.intermediate_values, default=0)
+    say(f"[tune] trial {trial.number} {trial.state.name.lower()}{value} after {epochs} epochs "
+        f"({_finished(study)} finished)")
+
+
+# ------------------------------------------------------------------------------------------- the command
+
+
+def preflight(s: Setup) -> None:
+    """Before any trial: the target's inputs exist, the storage answers, the study's direction agrees."""
+    stage_argv(s)
+    open_study(s)
+
+
+@contextlib.contextmanager
+def parent_run(s: Setup):
+    """The study's MLflow run: tuning knobs and space as params; trials nest under it."""
+    from action3d.stages.common import tracking_uri
+    from action3d.tracking import start_stage_run
+
+    knobs = {f"tune.{k}": v for k, v in s.tune.model_dump().items() if k != "space"}
+    with start_stage_run(f"tune-{s.study_name}", experiment=s.params.tracking.experiment, tracking_uri=tracking_uri(),
+                         params=knobs, tags={"study": s.study_name, "storage": _masked(s.storage_url),
+                                             "target": s.tune.target}, repo_dir=s.root) as parent:
+        parent.log_params({f"space.{k}": v.model_dump(exclude_none=True) for k, v in s.tune.space.items()})
+        yield parent
+
+
+def tune(params_path: str | Path = "params.yaml", overrides: list[str] | tuple[str, ...] = (), *, n_workers: int = 1,
+         apply: bool = False) -> dict:
+    """Run the study with `n_workers` processes (this one and n-1 more), then record and report the best trial."""
+    s = setup(params_path, overrides)
+    preflight(s)
+    with parent_run(s) as parent:
+        helpers = [_spawn_worker(s, parent.run_id) for _ in range(n_workers - 1)]
+        try:
+            work(s, parent.run_id)
+        finally:
+            failed = [p for p in helpers if p.wait() != 0]
+        if failed:
+            raise TuneError(f"{len(failed)} of the {n_workers - 1} extra worker(s) failed (exit codes "
+                            f"{[p.returncode for p in failed]}); their output is above")
+        return summarise(s, parent, apply=apply)
+
+
+def _spawn_worker(s: Setup, parent_run_id: str) -> subprocess.Popen:
+    argv = [sys.executable, "-m", "action3d.cli", "tune", "--params", str(s.params_path), "--worker",
+            "--parent-run", parent_run_id, *[a for o in s.overrides for a in ("-S", o)]]
+    return subprocess.Popen(argv, cwd=s.root)
+
+
+def summarise(s: Setup, parent, *, apply: bool) -> dict:
+    """Best trial -> params override file + the exact `dvc exp run` line (+ params.yaml with --apply); the
+    study's plots and counts on the parent run."""
+    study = open_study(s)
+    counts = {state.name.lower(): len(study.get_trials(deepcopy=False, states=(state,)))
+              for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
+    parent.log_metrics({f"trials_{k}": v for k, v in counts.items()})
+    if not counts["complete"]:
+        raise TuneError(f"study {s.study_name!r}: no trial completed ({counts}); see the trials' errors above")
+    best = study.best_trial
+    overrides = best.user_attrs.get("overrides") or [f"{k}={_yaml_value(v)}" for k, v in best.params.items()]
+    s.out_dir.mkdir(parents=True, exist_ok=True)
+    command = "dvc exp run " + " ".join(f"-S {shlex.quote(o)}" for o in overrides)
+    best_file = s.out_dir / "best.yaml"
+    from action3d.atomic import write_atomic_text
+
+    write_atomic_text(best_file, yaml.safe_dump({"study": s.study_name, "trial": best.number,
+                                                 s.tune.metric: best.value, "overrides": overrides,
+                                                 "dvc_exp_run": command}, sort_keys=False))
+    parent.log_metrics({f"best_{s.tune.metric}": best.value, "best_trial": best.number})
+    parent.log_params({f"best.{k}": v for k, v in best.params.items()})
+    parent.set_tags({"best_dvc_exp_run": command})
+    parent.log_artifact(best_file)
+    for path in _plots(study, s.out_dir):
+        parent.log_artifact(path, "plots")
+    say(f"[tune] best trial {best.number}: {s.tune.metric} = {best.value:.4g} with {' '.join(overrides)}")
+    say(f"[tune] reproduce it: {command}")
+    result = {"study": s.study_name, "best_trial": best.number, "best_value": best.value, "overrides": overrides,
+              "dvc_exp_run": command, "trials": counts, "best_file": str(best_file)}
+    if apply:
+        result["applied"] = apply_best(s, overrides)
+    return result
+
+
+def apply_best(s: Setup, overrides: list[str]) -> str:
+    """Write `overrides` into params.yaml (comments kept) and return the diff it made."""
+    from action3d.workspace import Workspace
+
+    before = s.params_path.read_text()
+    Workspace(s.root).set_params(overrides)
+    after = s.params_path.read_text()
+    diff = "".join(difflib.unified_diff(before.splitlines(True), after.splitlines(True), "params.yaml (before)",
+                                        "params.yaml (best trial)"))
+    print(diff or "params.yaml already holds the best trial's knobs")
+    return diff
+
+
+def _plots(study: optuna.Study, out_dir: Path) -> list[Path]:
+    """Optimisation history and parameter importances as PNG (importances need two finished trials)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as optuna_plots
+
+    written = []
+    for name, draw in (("history", optuna_plots.plot_optimization_history),
+                       ("importances", optuna_plots.plot_param_importances)):
+        try:
+            with warnings.catch_warnings():  # "experimental" since Optuna 2.2: noise for our users
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                axes = draw(study)
+        except (ValueError, RuntimeError, ZeroDivisionError):  # too few trials to say
+            continue
+        figure = axes.figure if hasattr(axes, "figure") else axes[0].figure
+        figure.set_size_inches(7, 4.5)
+        figure.tight_layout()
+        path = out_dir / f"{name}.png"
+        figure.savefig(path, dpi=110)
+        plt.close(figure)
+        written.append(path)
+    return written
