@@ -52,7 +52,7 @@ worker: $(STAMP)
 	PREFECT_API_URL=$(PREFECT_API_URL) prefect worker start --pool $(POOL)
 
 deploy: $(STAMP)
-	PREFECT_API_URL=$(PREFECT_API_URL) $(BIN)/python flows/deploy.py $(if $(ACTIVE),--active)
+	PREFECT_API_URL=$(PREFECT_API_URL) $(BIN)/python flows/deploy.py --require-remote $(if $(ACTIVE),--active)
 
 # the architecture study of params.yaml (study.entries), on Prefect's ephemeral API
 study: $(STAMP)
@@ -63,9 +63,9 @@ WORKERS ?= 2
 tune: $(STAMP)
 	action3d tune --n-workers $(WORKERS)
 
-STUDY ?= $(shell $(BIN)/python -c "from action3d.tune import setup; print(setup().storage_url)" 2>/dev/null)
+OPTUNA_STORAGE ?= $(shell $(BIN)/python -c "from action3d.tune import setup; print(setup().storage_url)" 2>/dev/null)
 optuna-dashboard: $(STAMP)
-	optuna-dashboard --host 127.0.0.1 --port 8080 $(STUDY)
+	optuna-dashboard --host 127.0.0.1 --port 8080 $(OPTUNA_STORAGE)
 
 # the DVC remote workers pull from and push to: make remote URL=s3://bucket/prefix (AWS_* variables for the endpoint)
 remote: $(STAMP)

@@ -63,8 +63,9 @@ def pools_of(prefect_yaml: Path) -> set[str]:
 def check_git(repository: str, branch: str) -> None:
     found = subprocess.run(["git", "ls-remote", "--heads", repository, branch], capture_output=True, text=True)
     if found.returncode != 0:
-        raise WorkspaceError(f"workers cannot clone {repository}: {found.stderr.strip().splitlines()[-1:]}. Pass "
-                             "--repository with a URL they can reach")
+        reason = (found.stderr.strip().splitlines() or ["git ls-remote failed"])[-1]
+        raise WorkspaceError(f"workers cannot clone {repository}: {reason}. Pass --repository with a URL they can "
+                             "reach")
     if not found.stdout.strip():
         raise WorkspaceError(f"{repository} has no branch {branch!r}: push it (`git push origin {branch}`) or pass "
                              "--branch")
@@ -80,8 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ws = Workspace(ROOT)
         branch = args.branch or ws.run("git", "branch", "--show-current").stdout.strip()
+        if not branch:
+            raise WorkspaceError("this checkout is on no branch (a detached HEAD): workers clone a branch. Check one "
+                                 "out, or pass --branch NAME")
         if args.require_remote:
-            ws.check_remote()
+            ws.check_remote(shared=True)
         check_git(args.repository, branch)
         url = check_api()
         check_pools(pools_of(ROOT / "prefect.yaml"), url)

@@ -31,14 +31,14 @@ from action3d.workspace import Workspace  # noqa: E402
 
 @task(name="entry", task_run_name="{entry}", cache_policy=NO_CACHE)
 def run_entry(root: str, name: str, entry: str, overrides: list[str], targets: list[str], gpus: queue.Queue | None,
-              tracking_uri: str) -> dict:
+              tracking_uri: str, study_run_id: str) -> dict:
     """One entry, on a GPU of its own when there are GPUs: its row of the table."""
     project = Workspace(root)
     params = load_params(project.root / "params.yaml", overrides)
     gpu = gpus.get() if gpus is not None else None
     try:
-        row = studies.run_entry(project, name, entry, params, overrides, targets, gpu=gpu,
-                                tracking_uri=tracking_uri)
+        row = studies.run_entry(project, name, entry, params, overrides, targets, gpu=gpu, tracking_uri=tracking_uri,
+                                run_tags={"study": name, "study_entry": entry, "mlflow.parentRunId": study_run_id})
     finally:
         if gpu is not None:
             gpus.put(gpu)
@@ -52,7 +52,7 @@ def study(entries: dict[str, list[str]] | None = None, name: str = "architecture
           targets: list[str] | None = None, root: str = ".") -> list[dict]:
     """Run every entry (default: params.yaml's study.entries) and collect the comparison table."""
     from action3d.plots import plot_study
-    from action3d.tracking import log_study, resolve_tracking_uri
+    from action3d.tracking import create_study_run, log_study, resolve_tracking_uri
 
     project = Workspace(root)
     params = load_params(project.root / "params.yaml")
@@ -68,11 +68,16 @@ def study(entries: dict[str, list[str]] | None = None, name: str = "architecture
         for gpu in gpus[:slots]:
             free.put(gpu)
     uri = resolve_tracking_uri(project.root / "mlflow.db")  # every entry's clone records its runs in the project's
+    if slots > 1 and uri.startswith("sqlite:"):
+        raise studies.StudyError(f"{slots} entries at once would write to one sqlite file ({uri}) from many "
+                                 "processes: start an MLflow server and set MLFLOW_TRACKING_URI, or set study.parallel: 1")
+    run_id = create_study_run(name, experiment=params.tracking.experiment, tracking_uri=uri, repo_dir=project.root)
     print(f"study {name}: {len(checked)} entries, {slots} at a time" + (f" on GPUs {gpus[:slots]}" if gpus else ""))
 
     with ThreadPoolTaskRunner(max_workers=slots) as runner:
         futures = [runner.submit(run_entry, {"root": root, "name": name, "entry": entry, "overrides": overrides,
-                                             "targets": targets, "gpus": free, "tracking_uri": uri})
+                                             "targets": targets, "gpus": free, "tracking_uri": uri,
+                                             "study_run_id": run_id})
                    for entry, overrides in chosen.items()]
         rows = [future.result() for future in futures]
 
@@ -81,8 +86,11 @@ def study(entries: dict[str, list[str]] | None = None, name: str = "architecture
     plot_path = out / f"{name}.png"
     plot_study(rows, plot_path, title=f"study {name}")
     table = studies.markdown_table(name, rows)
-    log_study(name, rows, experiment=params.tracking.experiment, tracking_uri=uri, files=[csv_path, plot_path],
-              repo_dir=project.root)
+    log_study(run_id, rows, tracking_uri=uri, files=[csv_path, plot_path])
+    if project.has_git_remote("origin") and project.remote() is not None:  # a worker's clone: send them home
+        for row in rows:
+            if row["status"] == "ok":
+                project.push_experiment(row["experiment"])
     create_markdown_artifact(key=f"study-{name}".lower().replace("_", "-"), markdown=table,
                              description=f"architecture study {name}")
     print(table)

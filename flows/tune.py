@@ -11,7 +11,6 @@ of the pool; the leading run waits for its own workers, then records and reports
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 from pathlib import Path
 
@@ -30,6 +29,7 @@ def worker(root: str, overrides: list[str], parent_run_id: str | None, index: in
     """One `action3d tune --worker` process: trials until the study has enough. A retry re-queues the trial its
     predecessor was running (its process is gone) and resumes it from its checkpoint."""
     ws = Workspace(root)
+    ws.extra_env.update(tuning.worker_gpu_env(index))  # one GPU per worker when there are GPUs
     argv = ["action3d", "tune", "--worker", *(["--parent-run", parent_run_id] if parent_run_id else []),
             *[a for o in overrides for a in ("-S", o)]]
     return ws.run(*argv, echo=True).returncode
@@ -41,6 +41,10 @@ def tune(n_workers: int = 2, overrides: list[str] | None = None, join: bool = Fa
     overrides = list(overrides or [])
     ws = Workspace(root)
     setup = tuning.setup(ws.root / "params.yaml", overrides)
+    upstream = ws.stages([setup.tune.target])[:-1]  # a fresh worker's clone: the target's inputs, pulled or made
+    pull = ws.remote() is not None
+    for stage in upstream:
+        ws.repro(stage, pull=pull, single=True)
     tuning.preflight(setup)
     with ThreadPoolTaskRunner(max_workers=n_workers) as runner:
         if join:

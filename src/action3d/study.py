@@ -13,6 +13,7 @@ accuracy, time; an entry that fails is a failed row, not a failed study.
 from __future__ import annotations
 
 import csv
+import json
 import os
 import re
 import shutil
@@ -26,7 +27,8 @@ from action3d.errors import Action3dError
 from action3d.workspace import Workspace
 
 COLUMNS = ("entry", "model", "status", "params_m", "gflops", "finetune.video_top1", "finetune.video_top5",
-           "finetune.clip_top1", "scratch.video_top1", "transfer_gain", "seconds", "experiment", "error")
+           "finetune.clip_top1", "scratch.video_top1", "scratch.video_top5", "transfer_gain", "seconds", "experiment",
+           "error")  # seconds: the entry's wall time (its clone, data restored from DVC's cache, training, evaluation)
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
@@ -55,7 +57,7 @@ def check_entries(params_path: Path, entries: dict[str, list[str]]) -> dict[str,
                              "experiment and a folder)")
         if isinstance(overrides, str) or not all(isinstance(o, str) for o in overrides):
             raise StudyError(f"study entry {name!r}: give a list of KEY=VALUE overrides, e.g. "
-                             "[model.name=resnet34], got {overrides!r}")
+                             f"[model.name=resnet34], got {overrides!r}")
         try:
             params = load_params(params_path, overrides)
         except ParamsError as err:
@@ -95,7 +97,8 @@ def entry_workspace(project: Workspace, study: str, entry: str) -> Workspace:
 
 
 def run_entry(project: Workspace, study: str, entry: str, params: Params, overrides: list[str],
-              targets: list[str], *, gpu: int | None = None, tracking_uri: str | None = None) -> dict[str, Any]:
+              targets: list[str], *, gpu: str | None = None, tracking_uri: str | None = None,
+              run_tags: dict[str, str] | None = None) -> dict[str, Any]:
     """Run one entry to its row. A failure is a row with status `failed` and the error's last line."""
     row: dict[str, Any] = {"entry": entry, "model": params.model.name, **model_cost(params)}
     started = time.monotonic()
@@ -103,7 +106,9 @@ def run_entry(project: Workspace, study: str, entry: str, params: Params, overri
         ws = entry_workspace(project, study, entry)
         ws.extra_env.update({"MLFLOW_TRACKING_URI": tracking_uri} if tracking_uri else {})
         if gpu is not None:
-            ws.extra_env["CUDA_VISIBLE_DEVICES"] = str(gpu)
+            ws.extra_env["CUDA_VISIBLE_DEVICES"] = gpu
+        if run_tags:  # the entry's MLflow runs: tagged with the study and nested under its run
+            ws.extra_env["ACTION3D_RUN_TAGS"] = json.dumps(run_tags)
         ws.set_params(overrides)
         pull = ws.remote() is not None
         stages = ws.stages(targets)
@@ -176,12 +181,12 @@ def markdown_table(study: str, rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def environment_gpus() -> list[int] | None:
-    """The GPUs this process may use (CUDA_VISIBLE_DEVICES honoured), or None on CPU."""
+def environment_gpus() -> list[str] | None:
+    """The GPUs this process may use, as CUDA_VISIBLE_DEVICES names them (indices or GPU UUIDs), or None on CPU."""
     import torch
 
     count = torch.cuda.device_count()
     if not count:
         return None
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    return [int(x) for x in visible.split(",")] if visible else list(range(count))
+    visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d]
+    return visible or [str(i) for i in range(count)]

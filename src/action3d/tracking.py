@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import math
 import os
 import subprocess
@@ -321,6 +322,8 @@ def start_stage_run(
     becomes a nested child run of it.
     """
     mlflow.set_tracking_uri(tracking_uri)  # the fluent API (log_input, log_model) follows the global URI
+    # a study running this stage in another process (flows/study.py) tags it and nests it under the study's run
+    inherited = json.loads(os.environ.get("ACTION3D_RUN_TAGS") or "{}")
     start = dict(
         experiment_id=get_or_create_experiment(experiment, tracking_uri=tracking_uri),
         run_name=stage,
@@ -335,6 +338,7 @@ def start_stage_run(
                 "params_hash": params_hash,
                 "parent_run_id": parent_run_id,
                 **{f"data_digest.{k}": v for k, v in (data_digests or {}).items()},
+                **inherited,
                 **(tags or {}),
             }
         )
@@ -343,16 +347,22 @@ def start_stage_run(
         yield run
 
 
-def log_study(study: str, rows: list[Mapping[str, Any]], *, experiment: str, tracking_uri: str,
-              files: list[str | Path] = (), repo_dir: str | Path | None = None) -> str:
-    """One MLflow run for a study (an architecture study's table): each row's numbers as metrics
-    `<entry>.<key>`, the rows as an MLflow table, `files` (the CSV, the plot) as artifacts. Returns its run id."""
+def create_study_run(study: str, *, experiment: str, tracking_uri: str, repo_dir: str | Path | None = None) -> str:
+    """An MLflow run for a study (the architecture study), made before its entries run so that their runs nest
+    under it (`ACTION3D_RUN_TAGS` carries its id to them); `log_study` fills it in and ends it."""
+    client = MlflowClient(tracking_uri)
+    run = client.create_run(get_or_create_experiment(experiment, tracking_uri=tracking_uri), run_name=f"study-{study}",
+                            tags={"stage": "study", "study": study, **git_state(repo_dir)})
+    return run.info.run_id
+
+
+def log_study(run_id: str, rows: list[Mapping[str, Any]], *, tracking_uri: str, files: list[str | Path] = ()) -> None:
+    """The study's table on its run: each row's numbers as metrics `<entry>.<key>`, the rows as an MLflow table,
+    `files` (the CSV, the plot) as artifacts; the run ends FINISHED."""
     mlflow.set_tracking_uri(tracking_uri)
-    experiment_id = get_or_create_experiment(experiment, tracking_uri=tracking_uri)
-    with mlflow.start_run(experiment_id=experiment_id, run_name=f"study-{study}") as active:
+    with mlflow.start_run(run_id=run_id) as active:
         run = StageRun(active.info.run_id, active.info.experiment_id, tracking_uri)
-        run.set_tags({"stage": "study", "study": study, **git_state(repo_dir),
-                      "entries": ",".join(str(r["entry"]) for r in rows),
+        run.set_tags({"entries": ",".join(str(r["entry"]) for r in rows),
                       "failed": ",".join(str(r["entry"]) for r in rows if r.get("status") != "ok")})
         run.log_metrics({f"{row['entry']}.{key}": value for row in rows for key, value in row.items()
                          if isinstance(value, (int, float)) and not isinstance(value, bool)})
@@ -360,7 +370,6 @@ def log_study(study: str, rows: list[Mapping[str, Any]], *, experiment: str, tra
         mlflow.log_table({key: [row.get(key) for row in rows] for key in columns}, artifact_file="study.json")
         for path in files:
             run.log_artifact(path)
-        return active.info.run_id
 
 
 # --- registry --------------------------------------------------------------------------------------------------

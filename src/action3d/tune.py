@@ -6,12 +6,13 @@
 
 The target stage (`tune.target`: finetune, scratch or pretrain) runs exactly as `dvc repro` runs it: its command
 line is read from dvc.yaml, its inputs are the pipeline's (run `dvc repro <target>` first), and it writes into
-runs/tune/<study>/<trial knobs digest>/ instead of its own folder. Every epoch reports `tune.metric` to the
+runs/tune/<study>/trial-<n>/ instead of its own folder. Every epoch reports `tune.metric` to the
 pruner, which may stop the trial; the trial's value is its best epoch.
 
 Storage: a journal file (runs/tune/<study>.journal) by default, safe for several processes on one machine; any
-RDB URL (PostgreSQL) for many machines. A trial whose worker died (its process is gone, or no epoch for
-`tune.grace_period` seconds) is marked failed and its knobs queued again; it resumes from that trial's checkpoint.
+RDB URL (PostgreSQL) for many machines. A trial whose worker died (its process is gone, or its heartbeat silent
+for `tune.grace_period` seconds) is marked failed and its knobs queued again; it resumes from that trial's
+checkpoint.
 
 MLflow: the study is a parent run (`tune-<study>`); each trial is the stage's own run, nested under it, with its
 knobs, per-epoch metrics and tags trial / trial_state (COMPLETE, PRUNED, FAIL); the parent gets the best knobs,
@@ -24,12 +25,12 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import hashlib
 import os
 import shlex
 import socket
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -168,11 +169,16 @@ def _yaml_value(value: Any) -> str:
 # ------------------------------------------------------------------------------------- the target stage
 
 
-def stage_argv(s: Setup) -> list[str]:
-    """The target stage's command line from dvc.yaml (without `action3d`), so a trial runs what DVC runs."""
+def _stage_spec(s: Setup) -> dict:
     spec = yaml.safe_load((s.root / "dvc.yaml").read_text())["stages"].get(s.tune.target)
     if not spec or "cmd" not in spec:
         raise TuneError(f"dvc.yaml has no stage {s.tune.target!r} with a cmd; tune.target must be a training stage")
+    return spec
+
+
+def stage_argv(s: Setup) -> list[str]:
+    """The target stage's command line from dvc.yaml (without `action3d`), so a trial runs what DVC runs."""
+    spec = _stage_spec(s)
     argv = shlex.split(spec["cmd"] if isinstance(spec["cmd"], str) else " ".join(spec["cmd"]))
     if argv[:2] != ["action3d", "stage"]:
         raise TuneError(f"dvc.yaml's stage {s.tune.target!r} does not run `action3d stage ...`: {spec['cmd']}")
@@ -207,14 +213,14 @@ def objective(s: Setup, parent_run_id: str | None):
     def run_trial(trial: optuna.Trial) -> float:
         overrides = suggest(trial, s)
         load_params(s.params_path, [*s.overrides, *overrides])  # a bad combination fails the trial, clearly
-        digest = hashlib.sha256("\n".join(sorted(overrides)).encode()).hexdigest()[:12]
+        # a trial's own folder; a re-queued trial takes over the folder (and checkpoint) of the one it retries
+        folder = trial.user_attrs.get("folder") or f"trial-{trial.number}"
+        trial.set_user_attr("folder", folder)
         trial.set_user_attr("overrides", overrides)
-        _beat(trial)
 
         reported: dict[int, float] = {}  # epoch -> metric, as this process trained them
 
         def report(epoch: int, metrics: dict[str, float]) -> None:
-            _beat(trial)
             if s.tune.metric not in metrics:
                 raise TuneError(f"tune.metric {s.tune.metric!r} is not a metric of {s.tune.target}'s epochs: "
                                 f"choose one of {', '.join(sorted(metrics))}")
@@ -228,8 +234,8 @@ def objective(s: Setup, parent_run_id: str | None):
         hooks = StageHooks(tags=tags, on_epoch=report)
         say(f"[tune] trial {trial.number}: {' '.join(overrides)}")
         try:
-            with stage_hooks(hooks):
-                run_stage(s, overrides, s.out_dir / digest)
+            with stage_hooks(hooks), _heartbeat(trial, s.tune.grace_period):
+                run_stage(s, overrides, s.out_dir / folder)
         except optuna.TrialPruned:
             _trial_state(hooks.run_id, "PRUNED")
             raise
@@ -250,9 +256,30 @@ def objective(s: Setup, parent_run_id: str | None):
     return run_trial
 
 
-def _beat(trial: optuna.Trial) -> None:
-    """Who runs the trial and when it last finished an epoch: how other workers tell a dead trial."""
-    trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid(), "beat": time.time()})
+@contextlib.contextmanager
+def _heartbeat(trial: optuna.Trial, grace_period: float):
+    """Who runs the trial, and a beat every grace_period / 10 seconds from a thread while it runs (an epoch may
+    take longer than the grace period): how other workers tell a live trial from one whose worker died."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid(), "beat": time.time()})
+
+    def loop() -> None:
+        while not stop.wait(max(1.0, grace_period / 10)):
+            try:
+                beat()
+            except Exception:  # noqa: BLE001 - the trial was finished elsewhere or the storage hiccuped: next beat
+                pass
+
+    beat()
+    thread = threading.Thread(target=loop, name=f"trial-{trial.number}-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _trial_state(run_id: str | None, state: str) -> None:
@@ -267,8 +294,8 @@ def _trial_state(run_id: str | None, state: str) -> None:
 def requeue_dead_trials(study: optuna.Study, grace_period: float) -> list[int]:
     """Mark running trials whose worker is gone as failed and queue their knobs again; returns their numbers.
 
-    A trial is dead when its worker was on this machine and its process no longer exists, or when it has not
-    finished an epoch for `grace_period` seconds. Only the worker whose FAIL write wins re-queues it (Optuna
+    A trial is dead when its worker was on this machine and its process no longer exists, or when its heartbeat
+    has been silent for `grace_period` seconds. Only the worker whose FAIL write wins re-queues it (Optuna
     refuses to finish a trial twice), so a dead trial is run again exactly once. The retry resumes from the dead
     trial's checkpoint: same knobs, same folder, same resume key.
     """
@@ -284,9 +311,10 @@ def requeue_dead_trials(study: optuna.Study, grace_period: float) -> list[int]:
             study._storage.set_trial_state_values(frozen._trial_id, TrialState.FAIL)
         except Exception:  # noqa: BLE001 - another worker finished or failed it first
             continue
-        study.enqueue_trial(frozen.params, user_attrs={"retry_of": frozen.number})
+        folder = frozen.user_attrs.get("folder", f"trial-{frozen.number}")
+        study.enqueue_trial(frozen.params, user_attrs={"retry_of": frozen.number, "folder": folder})
         requeued.append(frozen.number)
-        say(f"[tune] trial {frozen.number} lost its worker ({'process gone' if gone else 'no epoch for a while'}):"
+        say(f"[tune] trial {frozen.number} lost its worker ({'process gone' if gone else 'heartbeat silent'}):"
             " queued again")
     return requeued
 
@@ -309,9 +337,15 @@ def work(s: Setup, parent_run_id: str | None) -> None:
     requeue_dead_trials(study, s.tune.grace_period)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     done = optuna.study.MaxTrialsCallback(s.tune.trials, states=FINISHED)
+
+    def requeue(study: optuna.Study, _trial) -> None:  # a worker that died mid-study: its trial goes on here
+        requeue_dead_trials(study, s.tune.grace_period)
+
     if _finished(study) < s.tune.trials:
+        # a trial that fails (bad knobs, a diverged loss, out of GPU memory) is a failed trial, not a dead study
         study.optimize(objective(s, parent_run_id), n_trials=s.tune.trials, timeout=s.tune.timeout,
-                       callbacks=[done, _announce], catch=(Action3dError,), gc_after_trial=True)
+                       callbacks=[done, _announce, requeue], catch=(Action3dError, RuntimeError, ValueError),
+                       gc_after_trial=True)
 
 
 def _finished(study: optuna.Study) -> int:
@@ -328,8 +362,26 @@ def _announce(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
 # ------------------------------------------------------------------------------------------- the command
 
 
+EPOCH_METRICS = ("val_video_top1", "val_video_top5", "val_top1", "val_loss", "val_mean_class_accuracy",
+                 "train_top1", "train_loss")  # what the engine reports after every epoch (val_*: with a val split)
+
+
 def preflight(s: Setup) -> None:
-    """Before any trial: the target's inputs exist, the storage answers, the study's direction agrees."""
+    """Before any trial: the metric exists, every space key matters to the target and every categorical choice is
+    a valid value, the target's inputs exist, the storage answers, the study's direction agrees."""
+    if s.tune.metric not in EPOCH_METRICS:
+        raise TuneError(f"tune.metric {s.tune.metric!r} is not reported by the training stages after each epoch: "
+                        f"choose one of {', '.join(EPOCH_METRICS)}")
+    depends = _stage_spec(s).get("params", [])
+    for key, dist in s.tune.space.items():
+        if not any(key == p or key.startswith(f"{p}.") for p in depends):
+            raise TuneError(f"tune.space key {key!r} does not change the {s.tune.target} stage (dvc.yaml lists its "
+                            f"params: {', '.join(depends)}): search its own knobs, or set tune.target")
+        for choice in dist.choices or []:
+            try:
+                load_params(s.params_path, [*s.overrides, f"{key}={_yaml_value(choice)}"])
+            except Action3dError as err:
+                raise TuneError(f"tune.space {key!r}: the choice {choice!r} is not a valid value: {err}") from None
     stage_argv(s)
     open_study(s)
 
@@ -354,7 +406,7 @@ def tune(params_path: str | Path = "params.yaml", overrides: list[str] | tuple[s
     s = setup(params_path, overrides)
     preflight(s)
     with parent_run(s) as parent:
-        helpers = [_spawn_worker(s, parent.run_id) for _ in range(n_workers - 1)]
+        helpers = [_spawn_worker(s, parent.run_id, i) for i in range(1, n_workers)]
         try:
             work(s, parent.run_id)
         finally:
@@ -365,10 +417,22 @@ def tune(params_path: str | Path = "params.yaml", overrides: list[str] | tuple[s
         return summarise(s, parent, apply=apply)
 
 
-def _spawn_worker(s: Setup, parent_run_id: str) -> subprocess.Popen:
+def _spawn_worker(s: Setup, parent_run_id: str, index: int) -> subprocess.Popen:
     argv = [sys.executable, "-m", "action3d.cli", "tune", "--params", str(s.params_path), "--worker",
             "--parent-run", parent_run_id, *[a for o in s.overrides for a in ("-S", o)]]
-    return subprocess.Popen(argv, cwd=s.root)
+    return subprocess.Popen(argv, cwd=s.root, env={**os.environ, **worker_gpu_env(index)})
+
+
+def worker_gpu_env(index: int) -> dict[str, str]:
+    """CUDA_VISIBLE_DEVICES for tuning worker `index`: one GPU each, round robin ({} on CPU)."""
+    import torch
+
+    count = torch.cuda.device_count()
+    if not count:
+        return {}
+    visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d] or [str(i) for i in
+                                                                                           range(count)]
+    return {"CUDA_VISIBLE_DEVICES": visible[index % len(visible)]}
 
 
 def summarise(s: Setup, parent, *, apply: bool) -> dict:
@@ -381,7 +445,9 @@ def summarise(s: Setup, parent, *, apply: bool) -> dict:
     if not counts["complete"]:
         raise TuneError(f"study {s.study_name!r}: no trial completed ({counts}); see the trials' errors above")
     best = study.best_trial
-    overrides = best.user_attrs.get("overrides") or [f"{k}={_yaml_value(v)}" for k, v in best.params.items()]
+    # the study's own conditions (the command line's -S, tuning knobs aside) and the best trial's knobs
+    overrides = [o for o in s.overrides if not o.startswith(("tune.", "study."))] + (
+        best.user_attrs.get("overrides") or [f"{k}={_yaml_value(v)}" for k, v in best.params.items()])
     s.out_dir.mkdir(parents=True, exist_ok=True)
     command = "dvc exp run " + " ".join(f"-S {shlex.quote(o)}" for o in overrides)
     best_file = s.out_dir / "best.yaml"
@@ -406,15 +472,15 @@ def summarise(s: Setup, parent, *, apply: bool) -> dict:
 
 
 def apply_best(s: Setup, overrides: list[str]) -> str:
-    """Write `overrides` into params.yaml (comments kept) and return the diff it made."""
+    """Show the diff `overrides` make to params.yaml, then write them (comments kept); returns the diff."""
+    from action3d.atomic import write_atomic_text
     from action3d.workspace import Workspace
 
-    before = s.params_path.read_text()
-    Workspace(s.root).set_params(overrides)
-    after = s.params_path.read_text()
+    before, after = s.params_path.read_text(), Workspace(s.root).render_params(overrides)
     diff = "".join(difflib.unified_diff(before.splitlines(True), after.splitlines(True), "params.yaml (before)",
                                         "params.yaml (best trial)"))
     print(diff or "params.yaml already holds the best trial's knobs")
+    write_atomic_text(s.params_path, after)
     return diff
 
 

@@ -30,7 +30,7 @@ from action3d.config import ParamsError, load_params
 from action3d.errors import Action3dError
 
 RAN = re.compile(r"Running stage '([^']+)'")
-# what the push/pull commands print as their fix
+# the fix every "no usable DVC remote" error suggests
 SETUP_HINT = "run `action3d remote setup s3://BUCKET/PREFIX` in the project (then commit .dvc/config)"
 
 
@@ -109,13 +109,17 @@ class Workspace:
     def set_params(self, overrides: list[str] | tuple[str, ...]) -> None:
         """Write dotted overrides into params.yaml, as `dvc exp run -S` does: comments and order kept. Validated
         first, so a bad key changes nothing."""
-        if not overrides:
-            return
+        if overrides:
+            write_atomic_text(self.root / "params.yaml", self.render_params(overrides))
+
+    def render_params(self, overrides: list[str] | tuple[str, ...]) -> str:
+        """params.yaml's text with the dotted overrides written in (validated first); the file is not touched."""
         path = self.root / "params.yaml"
         load_params(path, overrides)
         from ruamel.yaml import YAML
 
-        yaml = YAML()  # round-trip: the file keeps its comments
+        yaml = YAML()  # round-trip: the file keeps its comments, quotes and line layout
+        yaml.preserve_quotes, yaml.width = True, 4096
         yaml.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
         data = yaml.load(path.read_text())
         for override in overrides:
@@ -127,7 +131,7 @@ class Workspace:
             node[leaf] = YAML(typ="safe").load(text)
         buffer = io.StringIO()
         yaml.dump(data, buffer)
-        write_atomic_text(path, buffer.getvalue())
+        return buffer.getvalue()
 
     def repro(self, stage: str, *, pull: bool = False, single: bool = False) -> list[str]:
         """`dvc repro STAGE` (and whatever upstream is stale); returns the stages DVC ran, [] when up to date.
@@ -135,10 +139,6 @@ class Workspace:
         `single`: this stage alone (`--single-item`), for callers that run the stages in order themselves."""
         argv = ["dvc", "repro", *(["--pull"] if pull else []), *(["--single-item"] if single else []), stage]
         return RAN.findall(self.run(*argv, echo=True).stdout)
-
-    def status(self) -> dict:
-        """`dvc status --json`: the stages that are stale, and why ({} when everything is up to date)."""
-        return json.loads(self.run("dvc", "status", "--json").stdout or "{}")
 
     def metrics(self) -> dict[str, float]:
         """`dvc metrics show`: the workspace's metrics as flat dotted keys (`finetune.video_top1`)."""
@@ -180,12 +180,16 @@ class Workspace:
             self.run(*command)
         return self.remote()
 
-    def check_remote(self) -> Remote:
-        """The default remote, reachable; else a WorkspaceError/StorageError that says what to fix."""
+    def check_remote(self, *, shared: bool = False) -> Remote:
+        """The default remote, reachable; else a WorkspaceError/StorageError that says what to fix. `shared`: it
+        must be in .dvc/config (what a clone gets), not only in this machine's .dvc/config.local."""
         remote = self.remote()
         if remote is None:
             raise WorkspaceError(f"{self.root}: no DVC remote is configured, so a worker cannot get the data: "
                                  f"{SETUP_HINT}")
+        if shared and not self.run("dvc", "config", "--project", "core.remote", check=False).stdout.strip():
+            raise WorkspaceError(f"DVC remote {remote.name!r} is set in .dvc/config.local only, which clones do not "
+                                 f"get: {SETUP_HINT}")
         if remote.url.startswith("s3://"):
             from action3d.storage import S3Config, check_bucket
 

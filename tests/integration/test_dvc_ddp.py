@@ -55,8 +55,8 @@ def ddp_repro(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     """The tiny repository with `pretrain.nproc: 2`, after `dvc repro pretrain`."""
     repo = _tiny_repo(tmp_path_factory.mktemp("repo"))
     _set_param(repo, "pretrain.nproc", 2)
-    # 9 training videos in 2 shards of 5: batches of 2 (the last clip dropped). At the tiny params' 4 the loader
-    # keeps each shard's last batch of one clip, which BatchNorm cannot train on.
+    # 9 training videos in 2 shards of 5 (padded): batches of 2, each shard's last clip dropped, since a batch of
+    # one clip is one BatchNorm cannot train on (the loader drops a partial batch whenever a full one remains).
     _set_param(repo, "pretrain.batch_size", 2)
     return repo, _run(repo, "dvc", "repro", "pretrain")
 

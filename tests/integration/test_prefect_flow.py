@@ -27,9 +27,9 @@ def _flow(repo, *args: str) -> subprocess.CompletedProcess:
 
 
 def _find(node, name: str):
-    """The entry named `name` anywhere in `dvc exp show --json`'s nested lists and dicts."""
+    """The revision named `name` (the entry with its data) anywhere in `dvc exp show --json`'s nesting."""
     if isinstance(node, dict):
-        if node.get("name") == name:
+        if node.get("name") == name and "data" in node:
             return node
         node = list(node.values())
     if isinstance(node, list):
@@ -56,11 +56,14 @@ def test_the_flow_runs_the_dvc_pipeline_as_an_experiment_then_runs_nothing(tmp_p
     assert status == {}  # DVC recorded every stage the flow ran: dvc.lock is complete
     shown = subprocess.run([*dvc, "exp", "show", "--json"], cwd=repo, capture_output=True, text=True, check=True)
     first_exp = _find(json.loads(shown.stdout), "first")
-    assert first_exp is not None and "0.02" in json.dumps(first_exp)  # the override is the experiment's param
+    assert first_exp["data"]["params"]["params.yaml"]["data"]["finetune"]["lr"] == 0.02  # the override, recorded
 
+    lock, model = (repo / "dvc.lock").read_text(), (repo / "runs/finetune/model.pt").stat().st_mtime_ns
     again = _flow(repo, "--name", "again", "-S", "finetune.lr=0.02")
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert "Running stage" not in again.stdout + again.stderr  # DVC says up to date: the flow ran no stage
+    # DVC says up to date: the flow ran no stage and rewrote nothing
+    assert "Running stage" not in again.stdout + again.stderr and "up to date, not run" in again.stdout + again.stderr
+    assert (repo / "dvc.lock").read_text() == lock and (repo / "runs/finetune/model.pt").stat().st_mtime_ns == model
 
 
 def test_a_bad_override_or_target_stops_the_flow_before_any_stage(tmp_path):

@@ -65,7 +65,7 @@ def _kill_mid_run(deadline: float) -> int:
 
 
 def test_a_deployed_run_on_a_worker_is_pulled_back_byte_identical(tmp_path, s3_bucket, s3_env, mlflow_s3_server,
-                                                                   start_server, free_port, monkeypatch):
+                                                                   start_server, free_port):
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
            "MLFLOW_TRACKING_URI": mlflow_s3_server.tracking_uri, "MLFLOW_DISABLE_TELEMETRY": "true",
            "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -112,12 +112,12 @@ def test_a_deployed_run_on_a_worker_is_pulled_back_byte_identical(tmp_path, s3_b
         assert 1 <= killed_at < EPOCHS
 
         # Prefect: the pretrain task ran twice (killed, retried), every other stage once
-        monkeypatch.setenv("PREFECT_API_URL", env["PREFECT_API_URL"])
         from prefect.client.orchestration import get_client
         from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+        from prefect.settings import PREFECT_API_URL, temporary_settings
 
         flow_run_name = next(line.split("'")[1] for line in output.splitlines() if "Created flow run" in line)
-        with get_client(sync_client=True) as client:
+        with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}), get_client(sync_client=True) as client:
             flow_run = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(
                 any_=[flow_run_name])))[0]
             assert flow_run.state.is_completed()

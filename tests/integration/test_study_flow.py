@@ -77,9 +77,13 @@ def test_the_study_runs_each_entry_through_dvc_and_collects_one_table(tmp_path, 
 
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("action3d")
-    study_run = client.search_runs([experiment.experiment_id], "tags.study = 'ci'")[0]
+    study_run = client.search_runs([experiment.experiment_id], "tags.study = 'ci' AND tags.stage = 'study'")[0]
     assert study_run.data.metrics["r10.finetune.video_top1"] == by_entry["r10"]["finetune.video_top1"]
     assert study_run.data.tags["failed"] == "broken"
-    # every entry's training runs went to the project's store, not to a store of its clone
-    stages = {r.data.tags["stage"] for r in client.search_runs([experiment.experiment_id])}
-    assert {"pretrain", "finetune", "scratch", "study"} <= stages
+    # every entry's runs went to the project's store (not a store of its clone), nested under the study's run
+    runs = client.search_runs([experiment.experiment_id])
+    assert {"pretrain", "finetune", "scratch", "study"} <= {r.data.tags["stage"] for r in runs}
+    for name in ("r10", "r18"):  # ("broken" fails before its first run; its pretraining came from DVC's run cache)
+        mine = [r for r in runs if r.data.tags.get("study_entry") == name]
+        assert mine and all(r.data.tags["mlflow.parentRunId"] == study_run.info.run_id for r in mine)
+    assert {r.data.tags["stage"] for r in runs if r.data.tags.get("study_entry") == "r10"} >= {"pretrain", "finetune"}

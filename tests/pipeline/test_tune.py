@@ -100,7 +100,8 @@ def test_a_study_prunes_bad_trials_tracks_them_and_its_best_reproduces(project):
     # --apply writes the best knobs into params.yaml; the stage as DVC runs it then scores the very same
     before = (project / "params.yaml").read_text()
     applied = _tune(project, "-S", "tune.trials=5", "--apply")  # the study is done: it only reports and applies
-    assert "-  lr:" in applied.stdout or "scratch" in applied.stdout
+    added = [line for line in applied.stdout.splitlines() if line.startswith("+  lr:")]
+    assert "params.yaml (best trial)" in applied.stdout and len(added) == 1  # the diff, shown
     assert yaml.safe_load((project / "params.yaml").read_text())["scratch"]["lr"] == best.params["scratch.lr"]
     assert (project / "params.yaml").read_text() != before
     stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["scratch"]["cmd"].split()
@@ -111,10 +112,10 @@ def test_a_study_prunes_bad_trials_tracks_them_and_its_best_reproduces(project):
 
 
 def test_two_workers_share_one_journal_and_finish_the_count(project):
-    _tune(project, "-S", "tune.trials=4", "-S", "tune.pruner=none", "--n-workers", "2")
+    _tune(project, "-S", "tune.trials=6", "-S", "tune.pruner=none", "--n-workers", "2")
     trials = _study(project).get_trials()
     finished = [t for t in trials if t.state.is_finished()]
-    assert len([t for t in finished if t.state == optuna.trial.TrialState.COMPLETE]) >= 4
+    assert len([t for t in finished if t.state == optuna.trial.TrialState.COMPLETE]) >= 6
     assert len({t.number for t in trials}) == len(trials)
     assert len({t.user_attrs["worker"]["pid"] for t in trials}) == 2  # both processes ran trials
 
@@ -139,6 +140,7 @@ def test_a_killed_worker_s_trial_is_queued_again_and_resumes(project):
     assert trials[lost[0].number].state == optuna.trial.TrialState.FAIL
     retry = next(t for t in trials.values() if t.user_attrs.get("retry_of") == lost[0].number)
     assert retry.state == optuna.trial.TrialState.COMPLETE and retry.params == lost[0].params
+    assert retry.user_attrs["folder"] == lost[0].user_attrs["folder"]  # it took over the dead trial's checkpoint
     assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials.values()) == 2
     _, runs = _trial_runs(project)
     resumed = next(r for r in runs if r.data.tags.get("trial") == str(retry.number))
@@ -176,19 +178,24 @@ def test_bad_tuning_input_is_one_clear_error_before_any_trial(project):
     assert flipped.returncode == 2 and "exists and is set to minimize" in flipped.stderr
 
 
-def test_the_tune_flow_fans_out_workers_on_one_study(project, monkeypatch):
+def test_the_tune_flow_makes_the_inputs_then_fans_out_workers_on_one_study(tmp_path, monkeypatch):
+    """As on a fresh worker's clone: no data yet, so the flow runs the target's upstream stages through DVC first."""
     import importlib.util
 
     from prefect.testing.utilities import prefect_test_harness
 
+    from .conftest import make_project_repo
+
+    repo = make_project_repo(tmp_path / "repo", TUNE)
     spec = importlib.util.spec_from_file_location("tune_flow", ROOT / "flows/tune.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     with prefect_test_harness(server_startup_timeout=240):
-        result = module.tune(n_workers=2, overrides=["tune.trials=3", "tune.pruner=none"], root=str(project))
-    trials = _study(project).get_trials()
-    assert result["trials"]["complete"] == sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials) >= 3
+        result = module.tune(n_workers=2, overrides=["tune.trials=4", "tune.pruner=none"], root=str(repo))
+    assert (repo / "data/cache/finetune").is_dir() and not (repo / "runs/scratch/model.pt").exists()  # inputs only
+    trials = _study(repo).get_trials()
+    assert result["trials"]["complete"] == sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials) >= 4
     assert len({t.user_attrs["worker"]["pid"] for t in trials}) == 2  # two worker processes, one study
     assert result["best_value"] == min(t.value for t in trials if t.value is not None)
-    assert (project / "runs/tune/scratch/best.yaml").is_file()
+    assert (repo / "runs/tune/scratch/best.yaml").is_file()
