@@ -11,6 +11,7 @@ of the pool; the leading run waits for its own workers, then records and reports
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -30,7 +31,7 @@ def worker(root: str, overrides: list[str], parent_run_id: str | None, index: in
     predecessor was running (its process is gone) and resumes it from its checkpoint."""
     ws = Workspace(root)
     ws.extra_env.update(tuning.worker_gpu_env(index))  # one GPU per worker when there are GPUs
-    argv = ["action3d", "tune", "--worker", *(["--parent-run", parent_run_id] if parent_run_id else []),
+    argv = ["action3d", "tune", "--worker", str(index), *(["--parent-run", parent_run_id] if parent_run_id else []),
             *[a for o in overrides for a in ("-S", o)]]
     return ws.run(*argv, echo=True).returncode
 
@@ -48,8 +49,10 @@ def tune(n_workers: int = 2, overrides: list[str] | None = None, join: bool = Fa
     tuning.preflight(setup)
     with ThreadPoolTaskRunner(max_workers=n_workers) as runner:
         if join:
+            # worker numbers past the lead's, so that their samplers draw other knobs
+            offset = 100 + (os.getpid() % 900)
             for future in [runner.submit(worker, {"root": root, "overrides": overrides, "parent_run_id": None,
-                                                  "index": i}) for i in range(n_workers)]:
+                                                  "index": offset + i}) for i in range(n_workers)]:
                 future.result()
             return {"joined": setup.study_name}
         with tuning.parent_run(setup) as parent:

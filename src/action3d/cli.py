@@ -205,12 +205,70 @@ def _cmd_report(args) -> None:
 def _cmd_tune(args) -> dict | None:
     from action3d import tune
 
-    if args.worker:  # one of --n-workers' extra processes: trials only, the first process reports
-        tune.work(tune.setup(args.params, args.set), args.parent_run)
+    if args.worker is not None:  # one of --n-workers' extra processes: trials only, the first process reports
+        tune.work(tune.setup(args.params, args.set), args.parent_run, worker=args.worker)
         return None
     result = tune.tune(args.params, args.set, n_workers=args.n_workers, apply=args.apply)
     print(json.dumps({k: v for k, v in result.items() if k != "applied"}, default=str))
     return result
+
+
+def _cmd_predict(args) -> int | None:
+    from action3d.predict import format_predictions, load, predict_files, to_json
+
+    spec = args.model
+    if spec is None:  # the champion of this project's registry
+        from action3d.config import load_params
+
+        spec = f"models:/{load_params(args.params).registry.model_name}@champion"
+    results = predict_files(load(spec), args.videos, topk=args.topk)
+    print(to_json(results) if args.json else format_predictions(results, timeline=args.timeline))
+    failed = [r.video for r in results if r.error]
+    if failed:
+        print(f"action3d: {len(failed)} of {len(results)} video(s) could not be classified: {', '.join(failed)}",
+              file=sys.stderr)
+        return 1
+    return None
+
+
+def _cmd_registry(args) -> None:
+    from action3d.stages.common import tracking_uri
+    from action3d import tracking
+
+    uri = tracking_uri()
+    name = args.name
+    if name is None:
+        from action3d.config import load_params
+
+        name = load_params(args.params).registry.model_name
+    if args.registry_command == "list":
+        rows = tracking.registry_versions(name, tracking_uri=uri)
+        if args.json:
+            print(json.dumps(rows, indent=1))
+            return
+        print(f"{name} ({len(rows)} versions, newest first)")
+        for row in rows:
+            metric = next((f"{k} {row[k]:.4f}" for k in row if k not in _REGISTRY_FIELDS), "no test metric")
+            print(f"  v{row['version']:<4} {','.join(row['aliases']) or '-':<20} {metric:<22} test data "
+                  f"{(row['data_digest'] or '?')[:12]}  run {row['run_id'][:12]}  commit {(row['git_commit'] or '?')[:10]}"
+                  f"  {row['created']}" + (f"  promoted: {row['promoted']}" if row["promoted"] else ""))
+    elif args.registry_command == "show":
+        version = args.version.lstrip("v")
+        spec = f"models:/{name}/{version}" if version.isdigit() else f"models:/{name}@{args.version}"
+        row = next(r for r in tracking.registry_versions(name, tracking_uri=uri)
+                   if r["version"] == str(tracking.resolve_version(spec, tracking_uri=uri).version))
+        print(json.dumps(row, indent=1))
+    elif args.registry_command == "promote":
+        done = tracking.promote(name, args.version.lstrip("v"), alias=args.alias, reason=args.reason,
+                                tracking_uri=uri)
+        print(f"{name}@{done['alias']} -> v{done['version']}" + (f" (was v{done['previous']})" if done["previous"]
+                                                                   else "") + f": {done['reason']}")
+    else:
+        spec = args.model if args.model.startswith("models:/") else f"models:/{args.model}"
+        print(json.dumps(tracking.lineage(spec, tracking_uri=uri), indent=1))
+
+
+_REGISTRY_FIELDS = {"version", "aliases", "data_digest", "run_id", "git_commit", "created", "promoted"}
 
 
 def _cmd_remote(args) -> None:
@@ -258,11 +316,37 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("uri" if name == "push" else "dir")
         p.set_defaults(func=func)
 
+    predict = sub.add_parser("predict", parents=[common], help="classify video files with a registered model or a "
+                                                             "checkpoint (top-k classes, per-window timeline)")
+    predict.add_argument("videos", nargs="+", help="mp4, avi, mkv or webm files")
+    predict.add_argument("--model", default=None, help="models:/<name>@<alias>, models:/<name>/<version> or a "
+                                                       "model.pt (default: the champion of registry.model_name)")
+    predict.add_argument("--topk", type=int, default=5)
+    predict.add_argument("--timeline", action="store_true", help="the label of every window with its time range")
+    predict.add_argument("--json", action="store_true")
+    predict.set_defaults(func=_cmd_predict)
+
+    registry = sub.add_parser("registry", help="the MLflow model registry: versions, promotion, lineage")
+    registries = registry.add_subparsers(dest="registry_command", required=True, parser_class=_with(common))
+    listing = registries.add_parser("list", help="every version: aliases, test metric, test data, run, commit")
+    listing.add_argument("--json", action="store_true")
+    show = registries.add_parser("show", help="one version (number or alias) in full")
+    show.add_argument("version", help="a version number or an alias (champion)")
+    promote = registries.add_parser("promote", help="point an alias at a version by hand, with a reason")
+    promote.add_argument("version")
+    promote.add_argument("--alias", default="champion")
+    promote.add_argument("--reason", required=True)
+    lineage = registries.add_parser("lineage", help="version -> runs -> data digests -> git commit")
+    lineage.add_argument("model", help="<name>@<alias>, <name>/<version> or models:/...")
+    for p in (listing, show, promote, lineage):
+        p.add_argument("--name", default=None, help="registered model (default: registry.model_name)")
+        p.set_defaults(func=_cmd_registry)
+
     tune = sub.add_parser("tune", parents=[common], help="Optuna: search tune.space of params.yaml for the target "
                                                         "stage (tune.target), pruning bad trials")
     tune.add_argument("--n-workers", type=int, default=1, help="processes on the study (default 1)")
     tune.add_argument("--apply", action="store_true", help="write the best trial's knobs into params.yaml")
-    tune.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # an extra process of --n-workers
+    tune.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)  # extra process N of --n-workers
     tune.add_argument("--parent-run", default=None, help=argparse.SUPPRESS)
     tune.set_defaults(func=_cmd_tune)
 
@@ -318,6 +402,8 @@ def main(argv: list[str] | None = None) -> int:
     if training:
         main_rank = distributed.is_main_process()
         distributed.cleanup()  # leave the process group (no-op in one process)
+    if isinstance(result, int):  # a command's own exit status (predict: some videos failed)
+        return result
     if isinstance(result, dict) and getattr(args, "command", None) == "stage" and main_rank:
         print(json.dumps(result, default=str))  # under torchrun rank 0 alone: DVC's log gets the result once
     return 0

@@ -25,7 +25,9 @@ import copy
 import json
 import math
 import os
+import re
 import subprocess
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -41,6 +43,7 @@ from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, RESOURCE_DOES_
 from mlflow.tracking import MlflowClient
 
 from action3d.checkpoint import unwrap_model
+from action3d.errors import Action3dError
 from action3d.storage import file_md5
 
 CHAMPION = "champion"
@@ -731,3 +734,125 @@ def load_registered_model(name: str, *, alias: str = CHAMPION, tracking_uri: str
     (any B, any T the architecture allows)."""
     mlflow.set_tracking_uri(tracking_uri)
     return mlflow.pytorch.load_model(f"models:/{name}@{alias}", map_location="cpu").eval()
+
+
+# --- using the registry: resolve, browse, steer -------------------------------------------------------------------
+
+_MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
+
+
+class RegistryError(Action3dError):
+    """A registered model, version or alias that does not exist: the message lists what does."""
+
+
+def resolve_version(uri: str, *, tracking_uri: str):
+    """The ModelVersion of `models:/<name>@<alias>` or `models:/<name>/<version>`; a RegistryError listing the
+    versions and aliases that exist when it is not there."""
+    found = _MODEL_URI.match(uri)
+    if not found:
+        raise RegistryError(f"{uri!r} is not a registered model URI: write models:/<name>@<alias> (e.g. "
+                            "models:/action3d-demo@champion) or models:/<name>/<version>")
+    client = MlflowClient(tracking_uri)
+    name, alias, version = found["name"], found["alias"], found["version"]
+    versions = _versions_or_error(client, name, tracking_uri)
+    numbers = ", ".join(str(v.version) for v in versions)
+    if alias:
+        aliases = _alias_map(client, name)  # searches of versions do not fill in their aliases
+        if alias not in aliases:
+            shown = ", ".join(f"{a} (v{v})" for a, v in sorted(aliases.items())) or "none"
+            raise RegistryError(f"{name} has no alias {alias!r}; its aliases: {shown} (versions {numbers})")
+        version = aliases[alias]
+    match = [v for v in versions if str(v.version) == str(version)]
+    if not match:
+        raise RegistryError(f"{name} has no version {version}; its versions: {numbers}")
+    return client.get_model_version(name, str(match[0].version))
+
+
+def _alias_map(client: MlflowClient, name: str) -> dict[str, str]:
+    """alias -> version number (as text) of registered model `name`."""
+    return {alias: str(number) for alias, number in (client.get_registered_model(name).aliases or {}).items()}
+
+
+def _versions_or_error(client: MlflowClient, name: str, tracking_uri: str) -> list:
+    versions = _versions(client, name)
+    if not versions:
+        names = sorted(m.name for m in client.search_registered_models())
+        raise RegistryError(f"no registered model {name!r} in {_shown(tracking_uri)}; registered: "
+                            f"{', '.join(names) or 'none (run the pipeline: `dvc repro`)'}")
+    return versions
+
+
+def _shown(tracking_uri: str) -> str:
+    from action3d.stages.common import shareable_uri
+
+    return shareable_uri(tracking_uri)
+
+
+def download_version_checkpoint(uri: str, *, tracking_uri: str, dst: str | Path | None = None) -> Path:
+    """The checkpoint file (with its model card) of a registered version, downloaded from its run's artifacts."""
+    version = resolve_version(uri, tracking_uri=tracking_uri)
+    target = Path(dst or tempfile.mkdtemp(prefix="action3d-model-"))
+    path = MlflowClient(tracking_uri).download_artifacts(version.run_id, RESCORE_ARTIFACT, str(target))
+    return Path(path)
+
+
+def registry_versions(name: str, *, tracking_uri: str) -> list[dict[str, Any]]:
+    """Every version of `name`, newest first: aliases, test metric, test data digest, run, commit, created."""
+    client = MlflowClient(tracking_uri)
+    versions = _versions_or_error(client, name, tracking_uri)
+    aliases = _alias_map(client, name)
+    rows = []
+    for v in reversed(versions):
+        metrics = {k[len("metric."):]: float(val) for k, val in v.tags.items() if k.startswith("metric.")}
+        rows.append({"version": str(v.version), "aliases": sorted(a for a, n in aliases.items() if n == str(v.version)),
+                     **metrics,
+                     "data_digest": v.tags.get("data_digest"), "run_id": v.run_id,
+                     "git_commit": v.tags.get("git_commit") or _run_tag(client, v.run_id, "git_commit"),
+                     "created": time.strftime("%Y-%m-%d %H:%M", time.gmtime(v.creation_timestamp / 1000)),
+                     "promoted": v.tags.get("promotion_reason")})
+    return rows
+
+
+def _run_tag(client: MlflowClient, run_id: str | None, key: str) -> str | None:
+    try:
+        return client.get_run(run_id).data.tags.get(key) if run_id else None
+    except MlflowException:
+        return None
+
+
+def promote(name: str, version: str, *, alias: str, reason: str, tracking_uri: str) -> dict[str, Any]:
+    """Point `alias` at `version` by hand; the reason (and who it replaced) is kept as tags on the version."""
+    if not reason.strip():
+        raise RegistryError("say why: --reason \"...\" is kept on the version, for whoever looks later")
+    target = resolve_version(f"models:/{name}/{version}", tracking_uri=tracking_uri)
+    client = MlflowClient(tracking_uri)
+    previous = _alias_map(client, name).get(alias)
+    client.set_registered_model_alias(name, alias, str(target.version))
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    for key, value in {"promotion_reason": reason, "promoted_alias": alias, "promoted_at": stamp,
+                       "promoted_over": previous or ""}.items():
+        client.set_model_version_tag(name, str(target.version), key, value)
+    return {"name": name, "version": str(target.version), "alias": alias, "previous": previous, "reason": reason}
+
+
+def lineage(uri: str, *, tracking_uri: str) -> dict[str, Any]:
+    """version -> its training run -> the runs it came from (finetune -> pretrain) -> the data digests and git
+    commit each recorded."""
+    version = resolve_version(uri, tracking_uri=tracking_uri)
+    client = MlflowClient(tracking_uri)
+    chain, run_id = [], version.run_id
+    while run_id:
+        try:
+            run = client.get_run(run_id)
+        except MlflowException:
+            chain.append({"run_id": run_id, "missing": True})
+            break
+        tags = run.data.tags
+        chain.append({"run_id": run_id, "stage": tags.get("stage"), "git_commit": tags.get("git_commit"),
+                      "git_dirty": tags.get("git_dirty"), "params_hash": tags.get("params_hash"),
+                      "data": {k[len("data_digest."):]: v for k, v in tags.items() if k.startswith("data_digest.")},
+                      "started": time.strftime("%Y-%m-%d %H:%M", time.gmtime(run.info.start_time / 1000))})
+        run_id = tags.get("parent_run_id")
+    return {"model": f"models:/{version.name}/{version.version}",
+            "aliases": sorted(a for a, n in _alias_map(client, version.name).items() if n == str(version.version)),
+            "test_data_digest": version.tags.get("data_digest"), "runs": chain}

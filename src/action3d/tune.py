@@ -112,10 +112,13 @@ def _masked(url: str) -> str:
     return shareable_uri(url)
 
 
-def sampler(s: Setup) -> optuna.samplers.BaseSampler:
+def sampler(s: Setup, worker: int = 0) -> optuna.samplers.BaseSampler:
+    """Seeded by `seed` and the worker's number: one worker is reproducible, and workers on one study do not
+    draw the very same knobs (equal seeds would make every worker's random start identical)."""
+    seed = s.params.seed + 1000 * worker
     if s.tune.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=s.params.seed)
-    return optuna.samplers.TPESampler(seed=s.params.seed, n_startup_trials=s.tune.startup_trials)
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=s.tune.startup_trials)
 
 
 def pruner(s: Setup) -> optuna.pruners.BasePruner:
@@ -130,11 +133,11 @@ def _epochs(s: Setup) -> int:
     return getattr(s.params, s.tune.target).epochs
 
 
-def open_study(s: Setup) -> optuna.Study:
+def open_study(s: Setup, worker: int = 0) -> optuna.Study:
     """Create the study, or load it; a study of that name optimising the other way is an error."""
     store = storage(s)
     try:
-        study = optuna.create_study(study_name=s.study_name, storage=store, sampler=sampler(s), pruner=pruner(s),
+        study = optuna.create_study(study_name=s.study_name, storage=store, sampler=sampler(s, worker), pruner=pruner(s),
                                     direction=s.tune.direction, load_if_exists=True)
     except ValueError as err:
         raise TuneError(f"Optuna study {s.study_name!r} in {_masked(s.storage_url)}: {err}. Name another study "
@@ -331,9 +334,9 @@ def _alive(pid: int | None) -> bool:
     return True
 
 
-def work(s: Setup, parent_run_id: str | None) -> None:
+def work(s: Setup, parent_run_id: str | None, worker: int = 0) -> None:
     """One worker: trials until the study holds `tune.trials` finished ones (over every worker) or time runs out."""
-    study = open_study(s)
+    study = open_study(s, worker)
     requeue_dead_trials(study, s.tune.grace_period)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     done = optuna.study.MaxTrialsCallback(s.tune.trials, states=FINISHED)
@@ -418,7 +421,7 @@ def tune(params_path: str | Path = "params.yaml", overrides: list[str] | tuple[s
 
 
 def _spawn_worker(s: Setup, parent_run_id: str, index: int) -> subprocess.Popen:
-    argv = [sys.executable, "-m", "action3d.cli", "tune", "--params", str(s.params_path), "--worker",
+    argv = [sys.executable, "-m", "action3d.cli", "tune", "--params", str(s.params_path), "--worker", str(index),
             "--parent-run", parent_run_id, *[a for o in s.overrides for a in ("-S", o)]]
     return subprocess.Popen(argv, cwd=s.root, env={**os.environ, **worker_gpu_env(index)})
 

@@ -190,6 +190,20 @@ def load_records(manifest_csv: str | Path, cache_root: str | Path) -> tuple[list
     return records, left_out
 
 
+def window_starts(frames: int, fps: float, clip_frames: int, stride: int = 1) -> list[int]:
+    """Start frames of every non-overlapping window of `clip_frames` x `stride` frames covering a video, from
+    pytorchvideo's UniformClipSampler: what evaluation scores (and `action3d predict` too)."""
+    rate = Fraction(fps).limit_denominator(1001)
+    sampler = UniformClipSampler(Fraction(clip_frames * stride) / rate)
+    duration, last_end, starts = Fraction(frames) / rate, Fraction(0), []
+    while True:
+        info = sampler(last_end, duration, {})
+        starts.append(int(round(info.clip_start_sec * rate)))
+        last_end = info.clip_end_sec
+        if info.is_last_clip:
+            return starts
+
+
 class ClipDataset(Dataset):
     """Clips from frame packs. `train=True`: item `ItemKey(epoch, i)` = a random clip of video i for that epoch (a
     bare i means epoch 0); else item i = the i-th window.
@@ -224,20 +238,8 @@ class ClipDataset(Dataset):
             for r, rec in enumerate(self.records):
                 self.clips += [(r, start) for start in self._windows(rec)]
 
-    def _clip_seconds(self, fps: float) -> Fraction:
-        return Fraction(self.clip_frames * self.stride) / Fraction(fps).limit_denominator(1001)
-
     def _windows(self, rec: VideoRecord) -> list[int]:
-        """Start frames of every non-overlapping window, from pytorchvideo's UniformClipSampler."""
-        fps = Fraction(rec.fps).limit_denominator(1001)
-        sampler = UniformClipSampler(self._clip_seconds(rec.fps))
-        duration, last_end, starts = Fraction(rec.frames) / fps, Fraction(0), []
-        while True:
-            info = sampler(last_end, duration, {})
-            starts.append(int(round(info.clip_start_sec * fps)))
-            last_end = info.clip_end_sec
-            if info.is_last_clip:
-                return starts
+        return window_starts(rec.frames, rec.fps, self.clip_frames, self.stride)
 
     def __len__(self) -> int:
         return len(self.records) if self.train else len(self.clips)

@@ -26,9 +26,10 @@ from torch import nn
 from action3d import engine
 from action3d.checkpoint import copy_checkpoint, epochs_done, model_from_checkpoint
 from action3d.config import Params, Train
-from action3d.data import make_eval_loader, make_train_loader, read_manifest
+from action3d.data import make_eval_loader, make_train_loader, read_classes, read_manifest
 from action3d.distributed import barrier, init_distributed
 from action3d.plots import plot_history
+from action3d.predict import model_card
 from action3d.progress import say
 from action3d.stages.common import cache_digest, digest, pick_device, project_root, tracking_uri, write_csv, write_json
 from action3d.storage import file_md5
@@ -173,6 +174,7 @@ def train_stage(
             checkpoint_dir=checkpoint_dir, arch=arch, model_kwargs=model_kwargs, device=device,
             autocast_dtype=torch.bfloat16 if train_cfg.bf16 else None, channels_last=train_cfg.channels_last,
             grad_clip=train_cfg.grad_clip, monitor=monitor, on_epoch_end=on_epoch_end,
+            extra={"card": model_card(params, read_classes(manifests_dir / "classes.json"))},  # for `predict`
         )  # fmt: skip
         hooks.history = result["history"]
         last = result["history"][-1]
