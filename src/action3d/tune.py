@@ -46,6 +46,7 @@ from action3d.errors import Action3dError
 from action3d.progress import say
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own lines say what each trial did
 
 
 class TuneError(Action3dError):
@@ -338,7 +339,6 @@ def work(s: Setup, parent_run_id: str | None, worker: int = 0) -> None:
     """One worker: trials until the study holds `tune.trials` finished ones (over every worker) or time runs out."""
     study = open_study(s, worker)
     requeue_dead_trials(study, s.tune.grace_period)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     done = optuna.study.MaxTrialsCallback(s.tune.trials, states=FINISHED)
 
     def requeue(study: optuna.Study, _trial) -> None:  # a worker that died mid-study: its trial goes on here
