@@ -218,9 +218,7 @@ def _cmd_predict(args) -> int | None:
 
     spec = args.model
     if spec is None:  # the champion of this project's registry
-        from action3d.config import load_params
-
-        spec = f"models:/{load_params(args.params).registry.model_name}@champion"
+        spec = f"models:/{_params(args).registry.model_name}@champion"
     results = predict_files(load(spec), args.videos, topk=args.topk)
     print(to_json(results) if args.json else format_predictions(results, timeline=args.timeline))
     failed = [r.video for r in results if r.error]
@@ -236,11 +234,7 @@ def _cmd_registry(args) -> None:
     from action3d import tracking
 
     uri = tracking_uri()
-    name = args.name
-    if name is None:
-        from action3d.config import load_params
-
-        name = load_params(args.params).registry.model_name
+    name = args.name or _params(args).registry.model_name
     if args.registry_command == "list":
         rows = tracking.registry_versions(name, tracking_uri=uri)
         if args.json:
@@ -248,7 +242,8 @@ def _cmd_registry(args) -> None:
             return
         print(f"{name} ({len(rows)} versions, newest first)")
         for row in rows:
-            metric = next((f"{k} {row[k]:.4f}" for k in row if k not in _REGISTRY_FIELDS), "no test metric")
+            key = row["metric_key"]
+            metric = f"{key} {row[key]:.4f}" if key in row else "no test metric"
             print(f"  v{row['version']:<4} {','.join(row['aliases']) or '-':<20} {metric:<22} test data "
                   f"{(row['data_digest'] or '?')[:12]}  run {row['run_id'][:12]}  commit {(row['git_commit'] or '?')[:10]}"
                   f"  {row['created']}" + (f"  promoted: {row['promoted']}" if row["promoted"] else ""))
@@ -259,8 +254,10 @@ def _cmd_registry(args) -> None:
                    if r["version"] == str(tracking.resolve_version(spec, tracking_uri=uri).version))
         print(json.dumps(row, indent=1))
     elif args.registry_command == "promote":
-        done = tracking.promote(name, args.version.lstrip("v"), alias=args.alias, reason=args.reason,
-                                tracking_uri=uri)
+        version = args.version.lstrip("v")
+        if not version.isdigit():  # an alias: the version it points at now
+            version = str(tracking.resolve_version(f"models:/{name}@{args.version}", tracking_uri=uri).version)
+        done = tracking.promote(name, version, alias=args.alias, reason=args.reason, tracking_uri=uri)
         print(f"{name}@{done['alias']} -> v{done['version']}" + (f" (was v{done['previous']})" if done["previous"]
                                                                    else "") + f": {done['reason']}")
     else:
@@ -268,7 +265,6 @@ def _cmd_registry(args) -> None:
         print(json.dumps(tracking.lineage(spec, tracking_uri=uri), indent=1))
 
 
-_REGISTRY_FIELDS = {"version", "aliases", "data_digest", "run_id", "git_commit", "created", "promoted"}
 
 
 def _cmd_remote(args) -> None:
@@ -321,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("videos", nargs="+", help="mp4, avi, mkv or webm files")
     predict.add_argument("--model", default=None, help="models:/<name>@<alias>, models:/<name>/<version> or a "
                                                        "model.pt (default: the champion of registry.model_name)")
-    predict.add_argument("--topk", type=int, default=5)
+    predict.add_argument("--topk", type=_positive_int, default=5, help="classes shown per video (default 5)")
     predict.add_argument("--timeline", action="store_true", help="the label of every window with its time range")
     predict.add_argument("--json", action="store_true")
     predict.set_defaults(func=_cmd_predict)
@@ -366,6 +362,12 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--runs", default="runs", help="the pipeline's output folder")
     report.set_defaults(func=_cmd_report)
     return parser
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return int(text)
 
 
 def _with(common: argparse.ArgumentParser):

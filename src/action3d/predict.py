@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -106,16 +105,14 @@ class Classifier:
             raise PredictError(f"{path}: not a video this can decode ({err.reason}). Give an mp4, avi, mkv or webm "
                                "file") from None
         frames = torch.from_numpy(decoded.frames)  # [N, H, W, 3] uint8
-        length = self.card.clip_frames * self.card.stride
         starts = self.windows(len(frames), decoded.fps)
-        clips = []
-        for start in starts:
-            index = torch.arange(start, start + length, self.card.stride) % len(frames)  # loop-pad a short video
-            clips.append(self.transform(frames[index].permute(0, 3, 1, 2)))
+        from action3d.data.loaders import clip_indices
+
         probs = []
-        for i in range(0, len(clips), 16):
-            logits = self.model(torch.stack(clips[i:i + 16]))
-            probs.append(torch.softmax(logits.float(), dim=1))
+        for i in range(0, len(starts), 16):  # 16 windows at a time: a long video never sits in memory as floats
+            batch = [self.transform(frames[clip_indices(start, self.card.clip_frames, self.card.stride,
+                                                        len(frames))].permute(0, 3, 1, 2)) for start in starts[i:i + 16]]
+            probs.append(torch.softmax(self.model(torch.stack(batch)).float(), dim=1))
         return torch.cat(probs).numpy(), starts, decoded.fps
 
     def predict(self, path: str | Path, *, topk: int = 5) -> Prediction:
@@ -131,11 +128,24 @@ class Classifier:
 def load(spec: str, *, tracking_uri: str | None = None) -> Classifier:
     """A classifier from `models:/<name>@<alias>`, `models:/<name>/<version>` or a checkpoint file."""
     if spec.startswith("models:/"):
-        from action3d.stages.common import tracking_uri as default_uri
-        from action3d.tracking import download_version_checkpoint
+        import os
+        import tempfile
 
-        path = download_version_checkpoint(spec, tracking_uri=tracking_uri or default_uri())
-        return Classifier.from_file(path, source=spec)
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one small file: no bar
+
+        from action3d.stages.common import tracking_uri as default_uri
+        from action3d.tracking import download_version_checkpoint, registry_versions
+
+        uri = tracking_uri or default_uri()
+        with tempfile.TemporaryDirectory(prefix="action3d-model-") as folder:
+            path = download_version_checkpoint(spec, tracking_uri=uri, dst=folder)
+            try:
+                return Classifier.from_file(path, source=spec)
+            except PredictError as err:
+                name = spec[len("models:/"):].split("@")[0].split("/")[0]
+                newest = registry_versions(name, tracking_uri=uri)[0]["version"]
+                raise PredictError(f"{err}. Or use a newer version: --model models:/{name}/{newest} "
+                                   "(`action3d registry list` shows them all)") from None
     if not Path(spec).is_file():
         raise PredictError(f"--model {spec}: no such file. Give a checkpoint (runs/finetune/model.pt) or a registered "
                            "model: models:/<name>@champion or models:/<name>/<version>")
@@ -148,7 +158,7 @@ def predict_files(classifier: Classifier, videos: list[str], *, topk: int = 5) -
     for video in videos:
         try:
             results.append(classifier.predict(video, topk=topk))
-        except (PredictError, RuntimeError, ValueError) as err:
+        except (PredictError, RuntimeError, ValueError, MemoryError) as err:
             results.append(Prediction(str(video), error=str(err)))
     return results
 
@@ -168,12 +178,3 @@ def format_predictions(results: list[Prediction], *, timeline: bool) -> str:
 
 def to_json(results: list[Prediction]) -> str:
     return json.dumps([asdict(r) for r in results], indent=1)
-
-
-def model_card(params: Any, classes: list[str]) -> dict[str, Any]:
-    """The card a training stage stores in its checkpoints (see `Card`): what `predict` needs besides weights."""
-    from action3d.data.transforms import KINETICS_MEAN, KINETICS_STD
-
-    return {"classes": list(classes), "clip_frames": params.clip.frames, "stride": params.clip.stride,
-            "crop_size": params.clip.crop_size, "short_side": params.cache.short_side,
-            "mean": list(KINETICS_MEAN), "std": list(KINETICS_STD)}

@@ -792,7 +792,12 @@ def download_version_checkpoint(uri: str, *, tracking_uri: str, dst: str | Path 
     """The checkpoint file (with its model card) of a registered version, downloaded from its run's artifacts."""
     version = resolve_version(uri, tracking_uri=tracking_uri)
     target = Path(dst or tempfile.mkdtemp(prefix="action3d-model-"))
-    path = MlflowClient(tracking_uri).download_artifacts(version.run_id, RESCORE_ARTIFACT, str(target))
+    try:
+        path = MlflowClient(tracking_uri).download_artifacts(version.run_id, RESCORE_ARTIFACT, str(target))
+    except (MlflowException, OSError) as err:
+        raise RegistryError(f"{uri} (v{version.version}): cannot fetch its checkpoint {RESCORE_ARTIFACT} from run "
+                            f"{version.run_id} ({str(err).splitlines()[0]}): check the artifact store is reachable, "
+                            "or use another version (`action3d registry list`)") from None
     return Path(path)
 
 
@@ -805,7 +810,7 @@ def registry_versions(name: str, *, tracking_uri: str) -> list[dict[str, Any]]:
     for v in reversed(versions):
         metrics = {k[len("metric."):]: float(val) for k, val in v.tags.items() if k.startswith("metric.")}
         rows.append({"version": str(v.version), "aliases": sorted(a for a, n in aliases.items() if n == str(v.version)),
-                     **metrics,
+                     "metric_key": v.tags.get("metric_key"), **metrics,
                      "data_digest": v.tags.get("data_digest"), "run_id": v.run_id,
                      "git_commit": v.tags.get("git_commit") or _run_tag(client, v.run_id, "git_commit"),
                      "created": time.strftime("%Y-%m-%d %H:%M", time.gmtime(v.creation_timestamp / 1000)),

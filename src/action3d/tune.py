@@ -113,10 +113,10 @@ def _masked(url: str) -> str:
     return shareable_uri(url)
 
 
-def sampler(s: Setup, worker: int = 0) -> optuna.samplers.BaseSampler:
-    """Seeded by `seed` and the worker's number: one worker is reproducible, and workers on one study do not
-    draw the very same knobs (equal seeds would make every worker's random start identical)."""
-    seed = s.params.seed + 1000 * worker
+def sampler(s: Setup, worker: int = 0, trials: int = 0) -> optuna.samplers.BaseSampler:
+    """Seeded by `seed`, the worker's number and the `trials` the study holds already: one worker on a new study is
+    reproducible, and workers on one study (or one restarted on it) do not draw the very same knobs."""
+    seed = s.params.seed + 1000 * worker + 7919 * trials
     if s.tune.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=s.tune.startup_trials)
@@ -137,8 +137,11 @@ def _epochs(s: Setup) -> int:
 def open_study(s: Setup, worker: int = 0) -> optuna.Study:
     """Create the study, or load it; a study of that name optimising the other way is an error."""
     store = storage(s)
+    existing = next((x.n_trials for x in optuna.get_all_study_summaries(store, include_best_trial=False)
+                     if x.study_name == s.study_name), 0)
     try:
-        study = optuna.create_study(study_name=s.study_name, storage=store, sampler=sampler(s, worker), pruner=pruner(s),
+        study = optuna.create_study(study_name=s.study_name, storage=store, sampler=sampler(s, worker, existing),
+                                    pruner=pruner(s),
                                     direction=s.tune.direction, load_if_exists=True)
     except ValueError as err:
         raise TuneError(f"Optuna study {s.study_name!r} in {_masked(s.storage_url)}: {err}. Name another study "
@@ -283,7 +286,7 @@ def _heartbeat(trial: optuna.Trial, grace_period: float):
         yield
     finally:
         stop.set()
-        thread.join()
+        thread.join(timeout=60)  # a storage write that hangs must not hold the trial's end
 
 
 def _trial_state(run_id: str | None, state: str) -> None:

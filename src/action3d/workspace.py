@@ -34,6 +34,19 @@ RAN = re.compile(r"Running stage '([^']+)'")
 SETUP_HINT = "run `action3d remote setup s3://BUCKET/PREFIX` in the project (then commit .dvc/config)"
 
 
+def _exact_float(representer, value):
+    """ruamel's float layout, except for full-precision floats, which it writes back with other last digits
+    (2.2132008552811133e-05 as ...132e-05, the same double): those in Python's shortest repr, as they were written.
+    A value nobody overrode must come back as it was."""
+    from ruamel.yaml.representer import RoundTripRepresenter
+
+    node = RoundTripRepresenter.represent_scalar_float(representer, value)
+    mantissa = re.split(r"[eE]", node.value)[0]
+    if len(re.sub(r"\D", "", mantissa).lstrip("0")) >= 16:
+        node.value = repr(float(value))
+    return node
+
+
 class WorkspaceError(Action3dError):
     """A DVC or git command failed, or the workspace lacks what a run needs; the message says which and the fix."""
 
@@ -117,10 +130,12 @@ class Workspace:
         path = self.root / "params.yaml"
         load_params(path, overrides)
         from ruamel.yaml import YAML
+        from ruamel.yaml.scalarfloat import ScalarFloat
 
         yaml = YAML()  # round-trip: the file keeps its comments, quotes and line layout
         yaml.preserve_quotes, yaml.width = True, 4096
         yaml.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
+        yaml.representer.add_representer(ScalarFloat, _exact_float)
         data = yaml.load(path.read_text())
         for override in overrides:
             dotted, text = override.split("=", 1)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -15,26 +14,9 @@ from pathlib import Path
 import pytest
 
 from tests.integration.test_dvc_pipeline import _ran, _run, _set_param
-from tests.pipeline.conftest import ROOT, write_tiny_params
+from tests.pipeline.conftest import make_project_repo
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-def _tiny_repo(repo: Path) -> Path:
-    """A fresh git + DVC repository with the real dvc.yaml, the package's sources and the tiny params, committed."""
-    shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
-    shutil.copytree(ROOT / "src", repo / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    write_tiny_params(repo)
-    _run(repo, "git", "init", "-q")
-    _run(repo, "git", "config", "user.email", "ci@example.com")
-    _run(repo, "git", "config", "user.name", "ci")
-    _run(repo, "dvc", "init", "-q")
-    _run(repo, "dvc", "config", "core.analytics", "false")
-    shutil.copy(ROOT / ".gitignore", repo / ".gitignore")
-    shutil.copy(ROOT / ".dvcignore", repo / ".dvcignore")
-    _run(repo, "git", "add", "-A")
-    _run(repo, "git", "commit", "-qm", "tiny pipeline")
-    return repo
 
 
 def _result_lines(output: str) -> list[dict]:
@@ -53,7 +35,7 @@ def _result_lines(output: str) -> list[dict]:
 @pytest.fixture(scope="module")
 def ddp_repro(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     """The tiny repository with `pretrain.nproc: 2`, after `dvc repro pretrain`."""
-    repo = _tiny_repo(tmp_path_factory.mktemp("repo"))
+    repo = make_project_repo(tmp_path_factory.mktemp("ddp") / "repo")
     _set_param(repo, "pretrain.nproc", 2)
     # 9 training videos in 2 shards of 5 (padded): batches of 2, each shard's last clip dropped, since a batch of
     # one clip is one BatchNorm cannot train on (the loader drops a partial batch whenever a full one remains).

@@ -75,6 +75,16 @@ def test_predict_scores_every_window_the_evaluate_stage_scores(project):
         names, probs = [n for n, _ in result["top"]], [p for _, p in result["top"]]
         assert sorted(names) == sorted(classes)  # top-5 of 3 classes: all of them, from the model's own card
         assert probs == sorted(probs, reverse=True) and sum(probs) == pytest.approx(1, abs=1e-3)
+    # the card predict reads is the run's own: its classes in label order, its clip and frame sizes
+    import torch
+
+    from action3d.config import load_params
+
+    card = torch.load(project / "runs/scratch/model.pt", map_location="cpu", weights_only=True)["card"]
+    params = load_params(project / "params.yaml")
+    assert card["classes"] == classes
+    assert (card["clip_frames"], card["stride"], card["crop_size"], card["short_side"]) == (
+        params.clip.frames, params.clip.stride, params.clip.crop_size, params.cache.short_side)
     # the evaluate stage scored the same test videos window by window: as many windows here
     metrics = json.loads((project / "runs/evaluate/scratch/metrics.json").read_text())
     assert sum(len(r["windows"]) for r in results) == metrics["clips"]
@@ -157,6 +167,7 @@ def test_bad_models_and_bad_videos_are_named_and_the_rest_still_predicted(projec
     assert "1 of 2 video(s) could not be classified" in done.stderr
 
     for model, message in [("models:/action3d-demo@nope", "has no alias 'nope'; its aliases: champion (v1)"),
+                           ("models:/action3d-demo/1x", "is not a registered model URI"),
                            ("models:/action3d-demo/9", "has no version 9; its versions: 1"),
                            ("models:/nobody@champion", "no registered model 'nobody'"),
                            (str(text), "is not a checkpoint"), ("missing.pt", "no such file")]:

@@ -24,12 +24,11 @@ import torch
 from torch import nn
 
 from action3d import engine
-from action3d.checkpoint import copy_checkpoint, epochs_done, model_from_checkpoint
+from action3d.checkpoint import copy_checkpoint, epochs_done, model_card, model_from_checkpoint
 from action3d.config import Params, Train
 from action3d.data import make_eval_loader, make_train_loader, read_classes, read_manifest
 from action3d.distributed import barrier, init_distributed
 from action3d.plots import plot_history
-from action3d.predict import model_card
 from action3d.progress import say
 from action3d.stages.common import cache_digest, digest, pick_device, project_root, tracking_uri, write_csv, write_json
 from action3d.storage import file_md5
