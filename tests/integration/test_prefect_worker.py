@@ -76,8 +76,11 @@ def test_a_deployed_run_on_a_worker_is_pulled_back_byte_identical(tmp_path, s3_b
     project = make_project_repo(tmp_path / "project", [f"pretrain.epochs={EPOCHS}",
                                                        f"storage.checkpoints=s3://{s3_bucket}/checkpoints"])
     _run(project, BIN / "action3d", "remote", "setup", f"s3://{s3_bucket}/dvc", env=env)
-    _run(project, "git", "add", ".dvc/config", env=env)
-    _run(project, "git", "commit", "-qm", "DVC remote on S3", env=env)
+    # the data stages made here, recorded in dvc.lock and pushed: the worker pulls them instead of making them
+    _run(project, BIN / "dvc", "repro", "cache@pretrain", "cache@finetune", env=env)
+    _run(project, BIN / "dvc", "push", env=env)
+    _run(project, "git", "add", "-A", env=env)
+    _run(project, "git", "commit", "-qm", "DVC remote on S3, the data stages' lock", env=env)
     origin = tmp_path / "origin.git"
     _run(tmp_path, "git", "clone", "-q", "--bare", project, origin, env=env)
 
@@ -109,6 +112,9 @@ def test_a_deployed_run_on_a_worker_is_pulled_back_byte_identical(tmp_path, s3_b
             worker.wait(timeout=60)
         log = (tmp_path / "worker.log").read_text(errors="replace")
         assert "Completed" in output, output[-3000:] + log[-5000:]
+        for stage in ("synth", "split@pretrain", "cache@finetune"):  # pulled from S3, not made again
+            assert f"{stage}: up to date, not run" in log and f"Running stage '{stage}'" not in log
+        assert "pretrain: ran pretrain" in log
         assert 1 <= killed_at < EPOCHS
 
         # Prefect: the pretrain task ran twice (killed, retried), every other stage once
