@@ -223,10 +223,16 @@ class Workspace:
         """Check out a branch, tag or commit (fetched from origin when not here); returns the commit."""
         found = self.run("git", "rev-parse", "--verify", "--quiet", f"{revision}^{{commit}}", check=False)
         if found.returncode != 0 and self.has_git_remote("origin"):
-            self.run("git", "fetch", "--quiet", "origin", check=False)
-            found = self.run("git", "rev-parse", "--verify", "--quiet", f"origin/{revision}^{{commit}}", check=False)
+            # a worker's clone is shallow and has one branch: fetch the revision itself (branch, tag or commit)
+            fetched = self.run("git", "fetch", "--quiet", "origin", revision, check=False)
+            if fetched.returncode == 0:
+                found = self.run("git", "rev-parse", "--verify", "--quiet", "FETCH_HEAD^{commit}", check=False)
+            elif "couldn't find remote ref" not in fetched.stderr and "not our ref" not in fetched.stderr:
+                raise WorkspaceError(f"cannot fetch {revision!r} from origin: {fetched.stderr.strip()[-300:]}. "
+                                     "Check that origin is reachable from this machine")
         if found.returncode != 0:
-            branches = self.run("git", "branch", "-a", "--format=%(refname:short)", check=False).stdout.split()
+            branches = [b for b in self.run("git", "branch", "-a", "--format=%(refname:short)", check=False)
+                        .stdout.splitlines() if b and not b.startswith("(")]  # not "(HEAD detached at ...)"
             raise WorkspaceError(f"git revision {revision!r} does not exist in {self.root} or its origin. Push it "
                                  f"first, or pick one of: {', '.join(branches) or '(no branches)'}")
         self.run("git", "checkout", "--quiet", found.stdout.strip())

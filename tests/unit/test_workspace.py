@@ -90,3 +90,19 @@ def test_an_unknown_revision_lists_the_branches(ws):
 def test_a_folder_without_dvc_yaml_is_refused(tmp_path):
     with pytest.raises(WorkspaceError, match="no dvc.yaml here"):
         Workspace(tmp_path)
+
+
+def test_a_shallow_worker_clone_fetches_the_revision_it_is_asked_for(tmp_path):
+    origin = tmp_path / "origin"
+    origin.mkdir()
+    shutil.copy(ROOT / "dvc.yaml", origin / "dvc.yaml")
+    git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
+    for argv in (["git", "init", "-q", "-b", "main"], ["git", "add", "-A"], [*git, "commit", "-qm", "one"],
+                 ["git", "branch", "feature"], [*git, "commit", "-q", "--allow-empty", "-m", "two"]):
+        subprocess.run(argv, cwd=origin, check=True, capture_output=True)
+    feature = subprocess.run(["git", "rev-parse", "feature"], cwd=origin, capture_output=True, text=True).stdout.strip()
+    # as Prefect's git_clone step makes it: one branch, depth 1
+    subprocess.run(["git", "clone", "-q", "--depth", "1", "-b", "main", f"file://{origin}", str(tmp_path / "clone")],
+                   check=True, capture_output=True)
+    clone = Workspace(tmp_path / "clone")
+    assert clone.checkout("feature") == feature == clone.commit()
