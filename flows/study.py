@@ -25,16 +25,16 @@ from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 
 from action3d import study as studies  # noqa: E402
-from action3d.config import load_params  # noqa: E402
+from action3d.config import Params, load_params  # noqa: E402
 from action3d.workspace import Workspace  # noqa: E402
 
 
 @task(name="entry", task_run_name="{entry}", cache_policy=NO_CACHE)
-def run_entry(root: str, name: str, entry: str, overrides: list[str], targets: list[str], gpus: queue.Queue | None,
-              tracking_uri: str, study_run_id: str) -> dict:
-    """One entry, on a GPU of its own when there are GPUs: its row of the table."""
+def run_entry(root: str, name: str, entry: str, params: Params, overrides: list[str], targets: list[str],
+              gpus: queue.Queue | None, tracking_uri: str, study_run_id: str) -> dict:
+    """One entry (`params`: its knobs, checked before the study started), on a GPU of its own when there are GPUs:
+    its row of the table."""
     project = Workspace(root)
-    params = load_params(project.root / "params.yaml", overrides)
     gpu = gpus.get() if gpus is not None else None
     try:
         row = studies.run_entry(project, name, entry, params, overrides, targets, gpu=gpu, tracking_uri=tracking_uri,
@@ -75,7 +75,8 @@ def study(entries: dict[str, list[str]] | None = None, name: str = "architecture
     print(f"study {name}: {len(checked)} entries, {slots} at a time" + (f" on GPUs {gpus[:slots]}" if gpus else ""))
 
     with ThreadPoolTaskRunner(max_workers=slots) as runner:
-        futures = [runner.submit(run_entry, {"root": root, "name": name, "entry": entry, "overrides": overrides,
+        futures = [runner.submit(run_entry, {"root": root, "name": name, "entry": entry, "params": checked[entry],
+                                             "overrides": overrides,
                                              "targets": targets, "gpus": free, "tracking_uri": uri,
                                              "study_run_id": run_id})
                    for entry, overrides in chosen.items()]
