@@ -12,7 +12,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 export MLFLOW_DISABLE_TELEMETRY := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: setup run test test-fast bench clean prefect-server worker deploy study remote tune optuna-dashboard
+.PHONY: setup run test test-fast bench browser clean prefect-server worker deploy study remote tune optuna-dashboard
 
 setup: $(STAMP)
 
@@ -28,8 +28,14 @@ run: $(STAMP)
 	@echo
 	action3d report
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/python -m pytest
+
+# The report test opens reports/index.html in a real headless browser: Debian's chromium, installed when absent.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@command -v chromium >/dev/null 2>&1 || { echo "installing chromium (the report test's headless browser)"; \
+	  $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends chromium; }
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow and not integration"

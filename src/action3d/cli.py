@@ -197,9 +197,16 @@ def _transfer_summary(transfers, what: str) -> str:
 
 
 def _cmd_report(args) -> None:
-    from action3d.report import report
+    from action3d.report import report, write_report
+    from action3d.stages.common import project_root, tracking_uri
 
-    print(report(Path(args.runs)))
+    if not (args.study or args.tune):
+        print(report(Path(args.runs)))
+    params = _params(args)
+    index = write_report(Path(args.out), tracking_uri=tracking_uri(), experiment=args.experiment or
+                         params.tracking.experiment, model_name=params.registry.model_name, root=project_root(),
+                         study=args.study, tune=args.tune)
+    print(f"\nreport: {index} (and {index.with_name('README.md')}): tables, curves, confusion matrices, champion")
 
 
 def _cmd_tune(args) -> dict | None:
@@ -262,7 +269,10 @@ def _cmd_registry(args) -> None:
                                                                    else "") + f": {done['reason']}")
     else:
         spec = args.model if args.model.startswith("models:/") else f"models:/{args.model}"
-        print(json.dumps(tracking.lineage(spec, tracking_uri=uri), indent=1))
+        from action3d.report import locate_data
+        from action3d.stages.common import project_root
+
+        print(json.dumps(locate_data(tracking.lineage(spec, tracking_uri=uri), project_root()), indent=1))
 
 
 
@@ -358,8 +368,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--root", default=".", help="the project folder (default: here)")
         p.set_defaults(func=_cmd_remote)
 
-    report = sub.add_parser("report", help="the pipeline's metrics, registered model and where to look")
+    report = sub.add_parser("report", parents=[common],
+                            help="the pipeline's results in the terminal, and reports/index.html + README.md from MLflow")
     report.add_argument("--runs", default="runs", help="the pipeline's output folder")
+    report.add_argument("--out", default="reports", help="where index.html, README.md and img/ go")
+    report.add_argument("--experiment", default=None, help="MLflow experiment (default: tracking.experiment)")
+    which = report.add_mutually_exclusive_group()
+    which.add_argument("--study", default=None, help="report an architecture study (its entries) instead")
+    which.add_argument("--tune", default=None, help="report a tuning study (its trials) instead")
     report.set_defaults(func=_cmd_report)
     return parser
 

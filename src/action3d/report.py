@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import ast
+import contextlib
 import json
+import shutil
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from action3d.atomic import write_atomic_text
+from action3d.errors import Action3dError
 from action3d.stages.common import shareable_uri, tracking_uri
 
 
@@ -93,3 +101,260 @@ def _registry_lines(registration: dict, shown_uri: str) -> list[str]:
              "this version, now" if champion.version == mine else f"now v{champion.version}, another model")
     lines.append(f"{_PAD}mlflow.pyfunc.load_model('models:/{name}@champion')   (the champion: {which})")
     return lines
+
+
+# --- the written report: reports/index.html and reports/README.md, from MLflow ------------------------------------
+#
+# What is reported is picked from the tracking store, not from runs/: the latest pipeline of an experiment (one
+# row per training stage: pretrain, fine-tuned, scratch), an architecture study (`--study`: its entries' runs,
+# nested under `study-<name>`) or a tuning study (`--tune`: its trials, nested under `tune-<name>`). Each row is a
+# training run with the evaluate run made of its model (tag parent_run_id), as the paper's tables: model, size, cost,
+# clip and video accuracy per set, time.
+
+TRAINING_STAGES = ("pretrain", "finetune", "scratch")
+_LABELS = {"pretrain": "pretrained (large set)", "finetune": "fine-tuned from pretraining", "scratch": "from scratch"}
+
+
+@dataclass
+class ModelRow:
+    label: str
+    run_id: str
+    stage: str
+    arch: str
+    params_m: float | None
+    gflops: float | None
+    train_top1: float | None  # clip accuracy of the last training epoch
+    val_video_top1: float | None  # the best epoch's, on the validation split
+    minutes: float | None
+    test: dict[str, float] = field(default_factory=dict)  # the evaluate run's metrics (test split, video level)
+    eval_run_id: str | None = None
+    curves: str | None = None  # image paths relative to the report folder
+    confusion: str | None = None
+
+
+def _client(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(uri)
+
+
+def _scope(client, experiment_id: str, study: str | None, tune: str | None) -> tuple[str, list]:
+    """(title, training runs newest first) of what the report covers."""
+    def search(query: str, limit: int = 500) -> list:
+        return client.search_runs([experiment_id], query, max_results=limit, order_by=["attribute.start_time DESC"])
+
+    if study or tune:
+        kind, name = ("study", study) if study else ("tuning study", tune)
+        query = (f"tags.stage = 'study' AND tags.study = '{study}'" if study
+                 else f"tags.stage = 'tune-{tune}' AND tags.study = '{tune}'")
+        parents = search(query, 1)
+        if not parents:
+            raise Action3dError(f"no {kind} {name!r} in this experiment's runs: run it first "
+                                f"({'make study' if study else 'action3d tune'}), or check --experiment")
+        children = search(f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'")
+        return f"{kind} {name}", [r for r in children if r.data.tags.get("stage") in TRAINING_STAGES]
+    latest = []
+    for stage in TRAINING_STAGES:  # the pipeline's own runs: not nested under a study or a tuning run
+        runs = [r for r in search(f"tags.stage = '{stage}' AND attributes.status = 'FINISHED'", 50)
+                if "mlflow.parentRunId" not in r.data.tags]
+        latest += runs[:1]
+    return "the latest pipeline", latest
+
+
+def _label(run) -> str:
+    tags = run.data.tags
+    if "trial" in tags:
+        return f"trial {tags['trial']}"
+    entry = tags.get("study_entry")
+    stage = tags.get("stage", "?")
+    return f"{entry}: {_LABELS.get(stage, stage)}" if entry else _LABELS.get(stage, stage)
+
+
+def _cost(run) -> tuple[float | None, float | None]:
+    """Parameters (millions) and forward GFLOPs per clip of a training run's model, from its logged params."""
+    from action3d.models.summary import count_flops, count_params
+
+    p = run.data.params
+    arch, kwargs = p.get("model.name"), {}
+    for key, value in p.items():
+        if key.startswith("model.kwargs."):
+            with contextlib.suppress(ValueError, SyntaxError):
+                kwargs[key[len("model.kwargs."):]] = ast.literal_eval(value)
+    try:
+        frames, crop = int(p["clip.frames"]), int(p["clip.crop_size"])
+        kwargs = {k: v for k, v in kwargs.items() if v is not None}
+        return count_params(arch, **kwargs) / 1e6, count_flops(arch, (frames, crop, crop), **kwargs) / 1e9
+    except (KeyError, ValueError, TypeError, RuntimeError):
+        return None, None
+
+
+def _history(client, run_id: str) -> list[dict[str, float]]:
+    rows: dict[int, dict[str, float]] = {}
+    for key in ("train_loss", "val_loss", "train_top1", "val_top1", "val_video_top1", "lr"):
+        for point in client.get_metric_history(run_id, key):
+            rows.setdefault(point.step, {"epoch": point.step})[key] = point.value
+    return [rows[k] for k in sorted(rows)]
+
+
+def collect(client, experiment_id: str, out: Path, *, study: str | None = None,
+            tune: str | None = None) -> tuple[str, list[ModelRow]]:
+    """The rows of the report, with their curves (drawn from the metric history) and confusion matrices
+    (the evaluate run's PNG) written under `out`/img."""
+    from action3d.plots import plot_history
+
+    title, runs = _scope(client, experiment_id, study, tune)
+    rows = []
+    for i, run in enumerate(runs):
+        m, info = run.data.metrics, run.info
+        params_m, gflops = _cost(run)
+        label = _label(run)
+        row = ModelRow(label, info.run_id, run.data.tags.get("stage", "?"), run.data.params.get("model.name", "?"),
+                       params_m, gflops, m.get("final_train_top1"), m.get("best_val_video_top1"),
+                       (info.end_time - info.start_time) / 60000 if info.end_time else None)
+        history = _history(client, info.run_id)
+        if history:
+            row.curves = f"img/{i:02d}-{row.stage}-curves.png"
+            plot_history(history, out / row.curves, title=label)
+        evals = client.search_runs([experiment_id], f"tags.stage = 'evaluate' AND tags.parent_run_id = '{info.run_id}'",
+                                   max_results=1, order_by=["attribute.start_time DESC"])
+        if evals:
+            row.eval_run_id, row.test = evals[0].info.run_id, dict(evals[0].data.metrics)
+            with contextlib.suppress(Exception):  # a run without the PNG (an older version): the table stands
+                folder = client.download_artifacts(row.eval_run_id, "confusion.png", str(out / "img"))
+                row.confusion = f"img/{i:02d}-{row.stage}-confusion.png"
+                Path(folder).replace(out / row.confusion)
+        rows.append(row)
+    return title, rows
+
+
+def _transfer(rows: list[ModelRow]) -> dict[str, Any] | None:
+    """Pretrained-then-fine-tuned against from-scratch on the same test set (the paper's transfer question)."""
+    tuned = next((r for r in rows if r.stage == "finetune" and r.test), None)
+    scratch = next((r for r in rows if r.stage == "scratch" and r.test), None)
+    if tuned is None or scratch is None:
+        return None
+    fit = scratch.test.get("train_video_top1")
+    return {"finetune": tuned.test.get("video_top1"), "scratch": scratch.test.get("video_top1"),
+            "finetune_fit": tuned.test.get("train_video_top1"), "scratch_fit": fit,
+            "gain": 100 * (tuned.test["video_top1"] - scratch.test["video_top1"]),
+            "fair": fit is not None and fit >= FITS}
+
+
+def champion(name: str, uri: str, root: Path) -> dict[str, Any] | None:
+    """The champion version, its registry row and its lineage with the dvc.lock outputs its data digests match."""
+    from action3d.tracking import RegistryError, lineage, registry_versions
+
+    try:
+        chain = lineage(f"models:/{name}@champion", tracking_uri=uri)
+    except RegistryError:
+        return None
+    version = chain["model"].rsplit("/", 1)[1]
+    row = next(r for r in registry_versions(name, tracking_uri=uri) if r["version"] == version)
+    return {"name": name, **row, "lineage": locate_data(chain, root)}
+
+
+def locate_data(chain: dict[str, Any], root: Path) -> dict[str, Any]:
+    """`chain` (tracking.lineage) with, per run, where its data digests are outputs of the project's dvc.lock
+    (`in_dvc_lock`: context -> paths): `git checkout <commit> && dvc checkout` brings back that data."""
+    from action3d.workspace import Workspace, WorkspaceError
+
+    try:
+        ws = Workspace(root)
+    except WorkspaceError:
+        return chain
+    found = ws.locate({d for run in chain["runs"] for d in run.get("data", {}).values()})
+    for run in chain["runs"]:
+        run["in_dvc_lock"] = {ctx: found[d] for ctx, d in run.get("data", {}).items() if d in found}
+    return chain
+
+
+def _f(value: float | None, pct: bool = True, digits: int = 1) -> str:
+    if value is None:
+        return "-"
+    return f"{100 * value:.{digits}f}" if pct else f"{value:.{digits}f}"
+
+
+def _table(rows: list[ModelRow]) -> tuple[list[str], list[list[str]]]:
+    head = ["model", "arch", "params (M)", "GFLOPs/clip", "train top-1 (clips)", "val video top-1",
+            "test clip top-1", "test video top-1", "test video top-5", "test videos", "minutes"]
+    body = [[r.label, r.arch, _f(r.params_m, False, 2), _f(r.gflops, False, 2), _f(r.train_top1),
+             _f(r.val_video_top1), _f(r.test.get("clip_top1")), _f(r.test.get("video_top1")),
+             _f(r.test.get("video_top5")), str(int(r.test["videos"])) if "videos" in r.test else "-",
+             _f(r.minutes, False)] for r in rows]
+    return head, body
+
+
+def write_report(out: Path, *, tracking_uri: str, experiment: str, model_name: str, root: Path,
+                 study: str | None = None, tune: str | None = None) -> Path:
+    """reports/index.html and reports/README.md (same content) with images in reports/img/. Returns index.html."""
+    import html
+
+    client = _client(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        raise Action3dError(f"no MLflow experiment {experiment!r} in {shareable_uri(tracking_uri)}: run the pipeline "
+                            "first (`make run`), or name one with --experiment")
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out / "img", ignore_errors=True)  # images of an earlier report must not linger
+    title, rows = collect(client, found.experiment_id, out, study=study, tune=tune)
+    transfer = _transfer(rows)
+    best = champion(model_name, tracking_uri, root) if not (study or tune) else None
+    head, body = _table(rows)
+    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    heading = f"action3d report: {title}"
+    where = f"experiment `{experiment}` in `{shareable_uri(tracking_uri)}`, {stamp}"
+
+    md = [f"# {heading}", "", where, "", "Accuracies in %. Test: video level (clip softmax averaged over every "
+          "window), as in Hara et al.'s tables.", "", "| " + " | ".join(head) + " |",
+          "|" + "---|" * len(head), *["| " + " | ".join(r) + " |" for r in body], ""]
+    h = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(heading)}</title><style>"
+         "body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}"
+         "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
+         "td:first-child,th:first-child{text-align:left}th{background:#eef3f8}img{max-width:100%;margin:.5em 0}"
+         ".note{color:#555}table.lineage td{text-align:left}</style></head><body>",
+         f"<h1>{html.escape(heading)}</h1><p class='note'>{html.escape(where)}</p>",
+         "<p class='note'>Accuracies in %. Test: video level (clip softmax averaged over every window), as in "
+         "Hara et al.'s tables.</p>", "<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in head) + "</tr>",
+         *["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in body], "</table>"]
+    if not rows:
+        md.append("No training runs found: run the pipeline (`make run`).")
+        h.append("<p>No training runs found: run the pipeline (<code>make run</code>).</p>")
+    if transfer:
+        verdict = ("the baseline fits its training videos: a fair comparison" if transfer["fair"] else
+                   "the baseline does NOT fit its training videos: tune it before trusting the gain")
+        line = (f"Pretrained then fine-tuned: {_f(transfer['finetune'])}% test video top-1 (its training videos "
+                f"{_f(transfer['finetune_fit'])}%); from scratch: {_f(transfer['scratch'])}% (its training videos "
+                f"{_f(transfer['scratch_fit'])}%). Pretraining is worth {transfer['gain']:+.1f} points; {verdict}.")
+        md += ["## Transfer: pretrained vs scratch", "", line, ""]
+        h += ["<h2>Transfer: pretrained vs scratch</h2>", f"<p>{html.escape(line)}</p>"]
+    if best:
+        runs = best["lineage"]["runs"]
+        key = best.get("metric_key")
+        score = f"{key} {best[key]:.4f}" if key in best else "no test metric"
+        line = (f"{best['name']} v{best['version']} ({', '.join(best['aliases'])}): {score} on test data "
+                f"{(best['data_digest'] or '?')[:12]}; git commit {(best['git_commit'] or '?')[:10]}")
+        md += ["## Champion", "", line, "", "| run | stage | git commit | data | in dvc.lock |", "|---|---|---|---|---|"]
+        h += ["<h2>Champion</h2>", f"<p>{html.escape(line)}</p>",
+              "<table class='lineage'><tr><th>run</th><th>stage</th><th>git commit</th><th>data</th><th>in dvc.lock</th></tr>"]
+        for run in runs:
+            data = ", ".join(f"{k} {v[:12]}" for k, v in run.get("data", {}).items())
+            lock = "; ".join(p for paths in run.get("in_dvc_lock", {}).values() for p in paths) or "-"
+            cells = [run["run_id"][:12], str(run.get("stage")), (run.get("git_commit") or "?")[:10], data, lock]
+            md.append("| " + " | ".join(cells) + " |")
+            h.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
+        h.append("</table>")
+        md.append("")
+    images = [(r.label, kind, path) for r in rows for kind, path in (("training curves", r.curves),
+                                                                      ("test confusion matrix", r.confusion)) if path]
+    if images:
+        md += ["## Curves and confusion matrices", ""]
+        h.append("<h2>Curves and confusion matrices</h2>")
+        for label, kind, path in images:
+            md += [f"**{label}**, {kind}", "", f"![{label} {kind}]({path})", ""]
+            h.append(f"<h3>{html.escape(label)}: {kind}</h3><img src='{html.escape(path)}' alt='{html.escape(kind)}'>")
+    # the page counts the images it could show (body data-images="loaded/all"): a browser check reads it
+    h.append("<script>addEventListener('load', () => { const all = [...document.images]; document.body.dataset"
+             ".images = all.filter(i => i.complete && i.naturalWidth > 0).length + '/' + all.length; });</script>")
+    h.append("</body></html>")
+    write_atomic_text(out / "README.md", "\n".join(md) + "\n")
+    return write_atomic_text(out / "index.html", "\n".join(h) + "\n")

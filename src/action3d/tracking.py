@@ -732,8 +732,10 @@ def champion_uri(name: str) -> str:
 def load_registered_model(name: str, *, alias: str = CHAMPION, tracking_uri: str) -> torch.nn.Module:
     """The torch module of `models:/<name>@<alias>`, in eval mode: a normal nn.Module, called on [B, 3, T, H, W]
     (any B, any T the architecture allows)."""
+    from action3d.serving import load_module  # a registered video model holds the module behind its pyfunc
+
     mlflow.set_tracking_uri(tracking_uri)
-    return mlflow.pytorch.load_model(f"models:/{name}@{alias}", map_location="cpu").eval()
+    return load_module(f"models:/{name}@{alias}").eval()
 
 
 # --- using the registry: resolve, browse, steer -------------------------------------------------------------------

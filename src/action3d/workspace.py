@@ -155,6 +155,28 @@ class Workspace:
         argv = ["dvc", "repro", *(["--pull"] if pull else []), *(["--single-item"] if single else []), stage]
         return RAN.findall(self.run(*argv, echo=True).stdout)
 
+    def locate(self, md5s: set[str]) -> dict[str, list[str]]:
+        """Where each file md5 is an output in dvc.lock: `path (stage)`, looking inside directory outputs through
+        the `.dir` listings of the local DVC cache. The link from a run's data digests to the data to check out."""
+        import yaml
+
+        lock = self.root / "dvc.lock"
+        found: dict[str, list[str]] = {}
+        if not lock.is_file():
+            return found
+        stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+        for stage, spec in stages.items():
+            for out in spec.get("outs", []):
+                md5 = str(out.get("md5", ""))
+                files = {md5: out["path"]}
+                if md5.endswith(".dir"):
+                    listing = self.root / ".dvc" / "cache" / "files" / "md5" / md5[:2] / md5[2:]
+                    if listing.is_file():
+                        files = {f["md5"]: f"{out['path']}/{f['relpath']}" for f in json.loads(listing.read_text())}
+                for digest in md5s & files.keys():
+                    found.setdefault(digest, []).append(f"{files[digest]} (stage {stage})")
+        return found
+
     def metrics(self) -> dict[str, float]:
         """`dvc metrics show`: the workspace's metrics as flat dotted keys (`finetune.video_top1`)."""
         shown = json.loads(self.run("dvc", "metrics", "show", "--json").stdout or "{}")

@@ -99,6 +99,52 @@ def test_repro_runs_every_stage_then_nothing(first_repro, repo):
     assert "registered model" in report and "mlflow ui --backend-store-uri sqlite:///" in report
 
 
+def test_the_report_holds_the_runs_numbers_and_opens_in_a_browser(repo, tmp_path):
+    """`action3d report` after the pipeline: reports/index.html and README.md with the evaluate stages' numbers,
+    the transfer comparison and the champion's lineage; headless Chromium loads the page and every image."""
+    _run(repo, "action3d", "report")
+    page, markdown = (repo / "reports/index.html").read_text(), (repo / "reports/README.md").read_text()
+    for stage, label in (("finetune", "fine-tuned from pretraining"), ("scratch", "from scratch")):
+        metrics = json.loads((repo / f"runs/evaluate/{stage}/metrics.json").read_text())
+        row = next(line for line in markdown.splitlines() if line.startswith(f"| {label} |"))
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[6:10] == [f"{100 * metrics[k]:.1f}" for k in ("clip_top1", "video_top1", "video_top5")] + [
+            str(metrics["videos"])]
+        assert f"<td>{100 * metrics['video_top1']:.1f}</td>" in page
+    assert "## Transfer: pretrained vs scratch" in markdown and "data/splits/finetune/train.csv (stage split@finetune)" \
+        in markdown
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert chromium, "no chromium on PATH: `make test` installs Debian's chromium package"
+    browser = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+               f"--user-data-dir={tmp_path / 'profile'}"]
+    url = (repo / "reports/index.html").as_uri()
+    dom = _run(tmp_path, *browser, "--virtual-time-budget=10000", "--dump-dom", url, timeout=120).stdout
+    loaded, total = map(int, re.search(r'data-images="(\d+)/(\d+)"', dom).groups())
+    assert loaded == total == page.count("<img ") >= 5  # curves of the 3 training runs, 2 confusion matrices
+    shot = tmp_path / "report.png"
+    _run(tmp_path, *browser, "--window-size=1200,1600", f"--screenshot={shot}", url, timeout=120)
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(shot).convert("L"), dtype=np.float32)
+    assert pixels.shape == (1600, 1200) and pixels.std() > 20 and (pixels < 128).mean() > 0.01  # text and plots
+
+
+def test_lineage_names_the_dvc_lock_outputs_the_champion_was_trained_on(repo):
+    from action3d.stages.register import test_data_digest
+    from action3d.storage import file_md5
+
+    lineage = json.loads(_run(repo, "action3d", "registry", "lineage", "action3d-demo@champion").stdout)
+    finetune, pretrain = lineage["runs"][0], lineage["runs"][1]
+    assert (finetune["stage"], pretrain["stage"]) == ("finetune", "pretrain")
+    assert finetune["data"]["train"] == file_md5(repo / "data/splits/finetune/train.csv")
+    assert finetune["in_dvc_lock"]["train"] == ["data/splits/finetune/train.csv (stage split@finetune)"]
+    assert pretrain["in_dvc_lock"]["val"] == ["data/splits/pretrain/val.csv (stage split@pretrain)"]
+    assert lineage["test_data_digest"] == test_data_digest(repo / "data/splits/finetune/test.csv",
+                                                           repo / "data/cache/finetune")
+
+
 def test_a_code_change_makes_stale_what_runs_that_code_and_a_docs_change_nothing(repo):
     with open(repo / "README.md", "a") as f:
         f.write("\nA note.\n")

@@ -8,6 +8,7 @@ probabilities, the same answer from every container) rather than how often it is
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -24,8 +25,9 @@ TRAIN = ["scratch.epochs=2", "scratch.workers=0"]
 
 
 def _action3d(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # the project's own mlflow.db
     done = subprocess.run([sys.executable, "-m", "action3d.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=900)
+                          timeout=900, env=env)
     if check:
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
@@ -173,3 +175,95 @@ def test_bad_models_and_bad_videos_are_named_and_the_rest_still_predicted(projec
                            (str(text), "is not a checkpoint"), ("missing.pt", "no such file")]:
         done = _action3d(project, "predict", str(video), "--model", model, check=False)
         assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, (model, done.stderr)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_the_champion_serves_videos_over_rest(project, tmp_path):
+    """`mlflow models serve` of the registered champion on loopback: a posted video (bytes, or a path on the server)
+    gets the label `action3d predict` gives it; a bad row gets its own error, the others their labels."""
+    import base64
+    import time
+    import urllib.request
+
+    video, _ = _test_videos(project)[0]
+    expected = json.loads(_action3d(project, "predict", str(video), "--model", "runs/scratch/model.pt",
+                                    "--topk", "2", "--json").stdout)[0]
+    port = _free_port()
+    venv_bin = str(Path(sys.executable).parent)  # mlflow starts uvicorn by name, from the venv
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}",
+           "PATH": venv_bin + os.pathsep + os.environ.get("PATH", "")}
+    mlflow_cli = str(Path(venv_bin) / "mlflow")
+    log = open(tmp_path / "serve.log", "w")
+    server = subprocess.Popen([mlflow_cli, "models", "serve", "-m", "models:/action3d-demo@champion",
+                               "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port), "-w", "1"],
+                              cwd=project, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        for _ in range(240):
+            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.5)
+        rows = [{"video_b64": base64.b64encode(video.read_bytes()).decode()}, {"video": str(video)},
+                {"video_b64": base64.b64encode(b"not a video").decode()}]
+        body = json.dumps({"dataframe_records": rows, "params": {"topk": 2}}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                         headers={"Content-Type": "application/json"})
+        answer = json.loads(urllib.request.urlopen(request, timeout=120).read())["predictions"]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+    for row in answer[:2]:
+        assert row["error"] == "" and row["label"] == expected["top"][0][0]
+        assert row["top_classes"] == [name for name, _ in expected["top"]]
+        assert row["top_probabilities"] == pytest.approx([p for _, p in expected["top"]], abs=1e-3)
+    assert answer[2]["label"] == "" and "not a video this can decode" in answer[2]["error"]
+
+
+@pytest.fixture(scope="module")
+def colours(tmp_path_factory) -> Path:
+    """A small set the tiny model does learn in seconds: three classes told apart by colour (with noise and
+    movement), in the folder layout, through the pipeline's own split, cache and scratch stages."""
+    import numpy as np
+
+    from action3d.data.video import write_video
+
+    root = tmp_path_factory.mktemp("colours")
+    rng = np.random.default_rng(0)
+    tints = {"red": (200, 40, 40), "green": (40, 190, 60), "blue": (40, 60, 210)}
+    for name, tint in tints.items():
+        for i in range(8):
+            frames = []
+            for t in range(24):
+                frame = np.clip(rng.normal(tint, 30, size=(48, 64, 3)), 0, 255).astype(np.uint8)
+                frame[:, (4 * t + 7 * i) % 64:][:, :8] = 255  # a white bar sweeping across
+                frames.append(frame)
+            write_video(root / "data/raw/finetune" / name / f"{name}_{i}.mp4", frames, fps=25)
+    write_tiny_params(root, ["split.finetune_layout=folder", "split.val_fraction=0.2", "split.test_fraction=0.34",
+                             "scratch.epochs=12", "scratch.workers=0", "scratch.lr=0.05"])
+    (root / ".dvc").mkdir()
+    (root / "runs").mkdir()
+    _action3d(root, "stage", "check", "--out", "runs/params.ok")
+    for stage in ("split@finetune", "cache@finetune", "scratch"):
+        _stage(root, stage)
+    return root
+
+
+def test_predict_names_the_true_class_of_videos_the_model_learnt(colours):
+    rows = [line.split(",") for line in (colours / "data/splits/finetune/test.csv").read_text().splitlines()[1:]]
+    names = json.loads((colours / "data/splits/finetune/classes.json").read_text())
+    videos = [(colours / "data/raw/finetune" / r[0], names[int(r[1])]) for r in rows]
+    assert len(videos) >= 6 and len({truth for _, truth in videos}) == 3
+    results = json.loads(_action3d(colours, "predict", *[str(v) for v, _ in videos], "--model",
+                                   "runs/scratch/model.pt", "--json").stdout)
+    right = sum(r["top"][0][0] == truth for r, (_, truth) in zip(results, videos))
+    assert right / len(videos) >= 0.8, (right, len(videos), results)  # chance is 1/3

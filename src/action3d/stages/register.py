@@ -7,6 +7,9 @@ one first, with the evaluate stage's own scoring (`evaluate.score`) of its train
 test manifests (beside `test_manifest`) and the cache among the inputs. Registering the same run twice creates
 nothing; two registrations at once end with one champion, the better (see tracking.register_model).
 
+The version is the run's video-in model (`action3d.serving`): `mlflow models serve -m models:/<name>@champion`
+answers with class names for posted videos; the tensor-in PyTorch model stays in the run as `model`.
+
 registration.json holds the tracking store as `shareable_uri` writes it: no absolute path, no password.
 """
 
@@ -29,6 +32,7 @@ def test_data_digest(test_manifest: str | Path, cache_dir: str | Path) -> str:
 
 def run(params: Params, *, train_dir: str | Path, metrics_path: str | Path, test_manifest: str | Path,
         cache_dir: str | Path, out_path: str | Path) -> dict:
+    from action3d.serving import NAME as VIDEO_MODEL  # the video-in pyfunc: the champion serves videos
     from action3d.tracking import register_model
 
     train_run = read_json(Path(train_dir) / "run.json", "finetune")
@@ -48,7 +52,7 @@ def run(params: Params, *, train_dir: str | Path, metrics_path: str | Path, test
 
     registration = register_model(
         train_run["run_id"], params.registry.model_name, metrics=scores, data_digest=test_data_digest(test_manifest, cache_dir),
-        metric_key=params.registry.metric, tracking_uri=tracking_uri(), rescore=rescore,
+        metric_key=params.registry.metric, tracking_uri=tracking_uri(), rescore=rescore, artifact=VIDEO_MODEL,
     )  # fmt: skip
     record = {**dataclasses.asdict(registration), "run_id": train_run["run_id"], "model_uri":
               f"models:/{registration.name}/{registration.version}", "tracking_uri": shareable_uri(tracking_uri()),

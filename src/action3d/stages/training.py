@@ -140,6 +140,7 @@ def train_stage(
         _restore_checkpoints(params, stage, checkpoint_dir)
     barrier()  # the other ranks resume from what rank 0 restored
 
+    card = model_card(params, read_classes(manifests_dir / "classes.json"))
     run_id_file = checkpoint_dir / "mlflow_run_id"
     hooks = _HOOKS.get() or StageHooks()
     tracked = _tracked_run(
@@ -173,7 +174,7 @@ def train_stage(
             checkpoint_dir=checkpoint_dir, arch=arch, model_kwargs=model_kwargs, device=device,
             autocast_dtype=torch.bfloat16 if train_cfg.bf16 else None, channels_last=train_cfg.channels_last,
             grad_clip=train_cfg.grad_clip, monitor=monitor, on_epoch_end=on_epoch_end,
-            extra={"card": model_card(params, read_classes(manifests_dir / "classes.json"))},  # for `predict`
+            extra={"card": card},  # for `predict` and the served model
         )  # fmt: skip
         hooks.history = result["history"]
         last = result["history"][-1]
@@ -194,6 +195,9 @@ def train_stage(
         example = torch.zeros(2, 3, params.clip.frames, params.clip.crop_size, params.clip.crop_size)
         model_uri = run.log_model(model_from_checkpoint(out_dir / "model.pt"), example,
                                   metadata={"arch": arch, "model_kwargs": model_kwargs})
+        from action3d.serving import log_video_model  # what the register stage registers: videos in, labels out
+
+        log_video_model(out_dir / "model.pt", card, metadata={"arch": arch, "model_kwargs": model_kwargs})
         from action3d.stages.common import shareable_uri  # a tracked file: no machine path, no password
 
         write_json(out_dir / "run.json", {"run_id": run.run_id, "model_uri": model_uri,
