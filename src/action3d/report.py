@@ -212,6 +212,10 @@ def collect(client, experiment_id: str, out: Path, *, study: str | None = None,
                        params_m, gflops, m.get("final_train_top1"), m.get("best_val_video_top1"),
                        (info.end_time - info.start_time) / 60000 if info.end_time else None)
         history = _history(client, info.run_id)
+        if row.train_top1 is None:  # a run stopped early (a pruned trial): its last epoch, its best so far
+            row.train_top1 = m.get("train_top1")
+        if row.val_video_top1 is None:
+            row.val_video_top1 = max((h["val_video_top1"] for h in history if "val_video_top1" in h), default=None)
         if history:
             row.curves = f"img/{i:02d}-{row.stage}-curves.png"
             plot_history(history, out / row.curves, title=label)

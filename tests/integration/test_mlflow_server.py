@@ -46,6 +46,38 @@ def test_registry_promotion_against_a_server(mlflow_server, tmp_path, monkeypatc
     assert any((root / "artifacts").rglob("MLmodel"))
 
 
+def test_the_registry_commands_against_a_server(mlflow_server, tmp_path):
+    """`action3d registry list|promote|show|lineage` over HTTP, on the versions the promotion test registered."""
+    import os
+    import subprocess
+
+    url, _ = mlflow_server
+    env = {**os.environ, "MLFLOW_TRACKING_URI": url, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    client = MlflowClient(url)
+    name = "action3d-server-cli"
+    if not client.search_model_versions(f"name = '{name}'"):
+        try:
+            promotion_flow(url, name, "server-cli")
+        finally:
+            mlflow.set_tracking_uri(None)
+
+    def cli(*args: str) -> str:
+        done = subprocess.run([sys.executable, "-m", "action3d.cli", "registry", *args, "--name", name], cwd=tmp_path,
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout
+
+    listed = json.loads(cli("list", "--json"))
+    champion = client.get_model_version_by_alias(name, "champion")
+    assert [r["version"] for r in listed] == sorted((r["version"] for r in listed), key=int, reverse=True)
+    assert next(r for r in listed if "champion" in r["aliases"])["version"] == champion.version
+    assert "was v" in cli("promote", "1", "--alias", "champion", "--reason", "roll back over HTTP")
+    assert client.get_model_version_by_alias(name, "champion").version == "1"
+    assert json.loads(cli("show", "champion"))["promoted"] == "roll back over HTTP"
+    lineage = json.loads(cli("lineage", f"{name}@champion"))
+    assert lineage["runs"][0]["run_id"] == client.get_model_version(name, "1").run_id
+
+
 def test_two_registrations_at_once_against_a_server(mlflow_server, tmp_path, monkeypatch):
     url, _ = mlflow_server
     monkeypatch.setenv("MLFLOW_TRACKING_URI", url)

@@ -88,3 +88,11 @@ def test_the_study_runs_each_entry_through_dvc_and_collects_one_table(tmp_path, 
         assert mine and all(r.data.tags["mlflow.parentRunId"] == study_run.info.run_id for r in mine)
     assert {r.data.tags["stage"] for r in runs if r.data.tags.get("study_entry") == "r10"} >= {"pretrain", "finetune"}
     assert {r.data.tags["stage"] for r in runs if r.data.tags.get("study_entry") == "broken"} == {"pretrain"}
+
+    # the written report of the study: each entry's runs as rows, with the numbers its evaluate stage measured
+    subprocess.run([sys.executable, "-m", "action3d.cli", "report", "--study", "ci"], cwd=repo, check=True,
+                   capture_output=True)
+    report = (repo / "reports/README.md").read_text()
+    row = next(line for line in report.splitlines() if line.startswith("| r10: fine-tuned from pretraining |"))
+    assert f"| {100 * by_entry['r10']['finetune.video_top1']:.1f} |" in row
+    assert "| broken: pretrained (large set) | resnet18 |" in report

@@ -97,6 +97,18 @@ def test_a_study_prunes_bad_trials_tracks_them_and_its_best_reproduces(project):
     assert {"plots/history.png", "plots/importances.png"} <= artifacts
     assert parent.data.tags["best_dvc_exp_run"] == result["dvc_exp_run"]
 
+    # the written report of the tuning study: one row per trial, with the trial's own numbers and curves
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    subprocess.run([sys.executable, "-m", "action3d.cli", "report", "--tune", "scratch"], cwd=project, env=env,
+                   check=True, capture_output=True)
+    report = (project / "reports/README.md").read_text()
+    assert "# action3d report: tuning study scratch" in report
+    for trial in trials:
+        run = children[trial.number]
+        row = next(line for line in report.splitlines() if line.startswith(f"| trial {trial.number} |"))
+        assert f"| {100 * run.data.metrics['train_top1']:.1f} |" in row  # its last epoch's (pruned or not)
+    assert len(list((project / "reports/img").glob("*-curves.png"))) == len(trials)
+
     # --apply writes the best knobs into params.yaml; the stage as DVC runs it then scores the very same
     before = (project / "params.yaml").read_text()
     applied = _tune(project, "-S", "tune.trials=5", "--apply")  # the study is done: it only reports and applies
