@@ -159,3 +159,27 @@ def test_a_resumed_stage_is_a_new_mlflow_run_linked_to_the_one_it_resumes(workdi
     assert "resumed_from" not in client.get_run(first).data.tags
     assert client.get_run(first).info.status == "FINISHED"  # untouched: not reopened
     assert run.info.end_time - run.info.start_time < 60_000  # it trained nothing: its duration says so
+
+
+def test_bf16_on_a_cpu_whose_bf16_convolutions_are_wrong_trains_in_fp32(workdir, capsys):
+    """pretrain.bf16: true on the CPU: the stage checks its model's convolutions first and trains in fp32, saying
+    why, exactly when the check finds a layer whose bf16 result strays (the MLflow run's `bf16` tag says which)."""
+    from mlflow import MlflowClient
+
+    from action3d import engine
+    from action3d.config import load_params
+    from action3d.models import create_model
+    from action3d.stages.common import tracking_uri
+
+    params = load_params(ROOT / "params.yaml", [*TINY, "pretrain.bf16=true"])
+    clip = (3, params.clip.frames, params.clip.crop_size, params.clip.crop_size)
+    expected_wrong = engine.bf16_convolution_errors(create_model(params.model.name, n_classes=3,
+                                                                 **params.model.kwargs), clip)
+    _pretrain(params, workdir)
+    said = capsys.readouterr().out
+    run_id = json.loads((workdir / "runs/pretrain/run.json").read_text())["run_id"]
+    tag = MlflowClient(tracking_uri()).get_run(run_id).data.tags["bf16"]
+    if expected_wrong:  # this development CPU (AVX512-BF16, torch 2.14): layer2.0.conv2's weight gradient
+        assert "bf16 off, training in fp32" in said and next(iter(expected_wrong)) in said and tag == "False"
+    else:
+        assert "bf16 off" not in said and tag == "True"

@@ -352,3 +352,41 @@ def test_torchrun_two_ranks_agree_and_match_one_process(tmp_path):
     for x, y in zip(comparable(single["history"]), comparable(rank0["history"])):
         for key in x:
             assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-6), key
+
+
+def test_bf16_convolution_errors_flags_exactly_the_layers_autocast_gets_wrong():
+    """Each Conv3d of a real model, through torch.autocast as training runs it: the layers whose bf16 gradients
+    stray from fp32 are the ones the check names (none on a CPU whose kernels are right), and the model's mode and
+    BatchNorm statistics are left as they were."""
+    from action3d.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("resnet10", n_classes=4).train()
+    clip = (3, 8, 32, 32)
+    stats = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    wrong = engine.bf16_convolution_errors(model, clip, channels_last=False)
+    assert model.training and all(torch.equal(v, model.state_dict()[k]) for k, v in stats.items())
+
+    inputs = {}
+    hooks = [m.register_forward_hook(lambda m, i, o, n=n: inputs.update({n: i[0].shape}))  # returns None
+             for n, m in model.named_modules() if isinstance(m, nn.Conv3d)]
+    with torch.no_grad():
+        model.eval()(torch.zeros(1, *clip))
+    for hook in hooks:
+        hook.remove()
+    strays = set()
+    for name, shape in inputs.items():
+        conv = dict(model.named_modules())[name]
+        x = torch.randn(shape)
+        grads = []
+        for bf16 in (False, True):
+            conv.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                out = conv(x)
+            out.float().backward(torch.ones_like(out, dtype=torch.float32) * torch.linspace(-1, 1, out.numel())
+                                 .reshape(out.shape))
+            grads.append(conv.weight.grad.clone())
+        err = ((grads[1] - grads[0]).norm() / grads[0].norm()).item()
+        if not err <= engine.BF16_TOLERANCE:
+            strays.add(name)
+    assert set(wrong) == strays

@@ -111,6 +111,15 @@ def train_stage(
         val_loader = make_eval_loader(val_csv, cache_dir, batch_size=train_cfg.batch_size, **loader_args)
 
     arch, model_kwargs = model.arch, dict(model.model_kwargs)
+    bf16 = train_cfg.bf16
+    if bf16 and device.type == "cpu":  # this CPU's bf16 kernels must compute the same gradients as fp32, or no bf16
+        wrong = engine.bf16_convolution_errors(model, (3, params.clip.frames, params.clip.crop_size,
+                                                       params.clip.crop_size), channels_last=train_cfg.channels_last)
+        if wrong:
+            bf16 = False
+            say(f"[{stage}] bf16 off, training in fp32: this CPU's bf16 convolutions give wrong results for "
+                f"{len(wrong)} layer(s) ({', '.join(list(wrong)[:3])}, relative error up to {max(wrong.values()):.3g} "
+                f"against fp32). Set {stage}.bf16: false to skip this check")
     model = engine.prepare_model(model, device, channels_last=train_cfg.channels_last, compile=train_cfg.compile)
     optimizer = engine.build_optimizer(
         trainable if trainable is not None else model.parameters(), lr=train_cfg.lr, momentum=train_cfg.momentum,
@@ -145,7 +154,7 @@ def train_stage(
     hooks = _HOOKS.get() or StageHooks()
     tracked = _tracked_run(
         params, stage=stage, run_id_file=run_id_file, parent_run_id=parent_run_id,
-        tags={**(tags or {}), "world_size": info.world_size, **hooks.tags},
+        tags={**(tags or {}), "world_size": info.world_size, "bf16": bf16, **hooks.tags},
         digests={k: v for k, v in input_md5.items() if k in ("train", "val")},
     ) if info.is_main else contextlib.nullcontext()  # fmt: skip
 
@@ -172,7 +181,7 @@ def train_stage(
         result = engine.fit(
             model, train_loader, val_loader, epochs=train_cfg.epochs, optimizer=optimizer, scheduler=scheduler,
             checkpoint_dir=checkpoint_dir, arch=arch, model_kwargs=model_kwargs, device=device,
-            autocast_dtype=torch.bfloat16 if train_cfg.bf16 else None, channels_last=train_cfg.channels_last,
+            autocast_dtype=torch.bfloat16 if bf16 else None, channels_last=train_cfg.channels_last,
             grad_clip=train_cfg.grad_clip, monitor=monitor, on_epoch_end=on_epoch_end,
             extra={"card": card},  # for `predict` and the served model
         )  # fmt: skip
