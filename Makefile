@@ -40,8 +40,11 @@ browser:
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow and not integration"
 
+# speed, measured side by side in one run each (README, Performance): JSON in benchmarks/results/
 bench: $(STAMP)
 	$(BIN)/python benchmarks/loading.py
+	$(BIN)/python benchmarks/training.py
+	$(BIN)/python benchmarks/end_to_end.py
 
 # Scheduled runs on one machine (README, "Scheduled runs"): `make prefect-server` in one terminal, `make worker` in
 # another, then `make deploy` (ACTIVE=1: schedules on at once). Elsewhere, point PREFECT_API_URL at your server.
