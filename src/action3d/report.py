@@ -6,6 +6,7 @@ import ast
 import contextlib
 import json
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,27 +139,50 @@ def _client(uri: str):
     return MlflowClient(uri)
 
 
-def _scope(client, experiment_id: str, study: str | None, tune: str | None) -> tuple[str, list]:
-    """(title, training runs newest first) of what the report covers."""
-    def search(query: str, limit: int = 500) -> list:
-        return client.search_runs([experiment_id], query, max_results=limit, order_by=["attribute.start_time DESC"])
+def _quoted(value: str) -> str:
+    """`value` as a quoted literal of an MLflow filter string."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
-    if study or tune:
-        kind, name = ("study", study) if study else ("tuning study", tune)
-        query = (f"tags.stage = 'study' AND tags.study = '{study}'" if study
-                 else f"tags.stage = 'tune-{tune}' AND tags.study = '{tune}'")
-        parents = search(query, 1)
+
+def _all_runs(client, experiment_id: str, query: str):
+    """Every run matching `query`, newest first, page by page (a study or a long history holds many)."""
+    token = None
+    while True:
+        page = client.search_runs([experiment_id], query, max_results=500, order_by=["attribute.start_time DESC"],
+                                  page_token=token)
+        yield from page
+        token = page.token
+        if not token:
+            return
+
+
+def _scope(client, experiment_id: str, study: str | None, tune: str | None) -> tuple[str, list]:
+    """(title, training runs) of what the report covers."""
+    if tune:  # every trial of the tuning study, whichever `action3d tune` call (parent run) ran it: its newest run
+        trials: dict[str, Any] = {}
+        for run in _all_runs(client, experiment_id, f"tags.study = {_quoted(tune)}"):
+            number = run.data.tags.get("trial")
+            if number is not None and run.data.tags.get("stage") in TRAINING_STAGES:
+                trials.setdefault(number, run)
+        if not trials:
+            raise Action3dError(f"no trials of tuning study {tune!r} in this experiment's runs: run `action3d tune` "
+                                "first, or check --experiment")
+        return f"tuning study {tune}", [trials[k] for k in sorted(trials, key=int)]
+    if study:
+        parents = client.search_runs([experiment_id], f"tags.stage = 'study' AND tags.study = {_quoted(study)}",
+                                     max_results=1, order_by=["attribute.start_time DESC"])
         if not parents:
-            raise Action3dError(f"no {kind} {name!r} in this experiment's runs: run it first "
-                                f"({'make study' if study else 'action3d tune'}), or check --experiment")
-        children = search(f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'")
-        return f"{kind} {name}", [r for r in children if r.data.tags.get("stage") in TRAINING_STAGES]
+            names = sorted({r.data.tags.get("study", "?") for r in _all_runs(client, experiment_id,
+                                                                               "tags.stage = 'study'")})
+            raise Action3dError(f"no architecture study {study!r} in this experiment's runs (studies: "
+                                f"{', '.join(names) or 'none'}): run it first (`make study`), or check --experiment")
+        children = _all_runs(client, experiment_id, f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'")
+        return f"study {study}", [r for r in children if r.data.tags.get("stage") in TRAINING_STAGES]
     latest = []
     for stage in TRAINING_STAGES:  # the pipeline's own runs: not nested under a study or a tuning run
-        runs = [r for r in search(f"tags.stage = '{stage}' AND attributes.status = 'FINISHED'", 50)
-                if "mlflow.parentRunId" not in r.data.tags]
-        latest += runs[:1]
-    return "the latest pipeline", latest
+        runs = _all_runs(client, experiment_id, f"tags.stage = '{stage}' AND attributes.status = 'FINISHED'")
+        latest.append(next((r for r in runs if "mlflow.parentRunId" not in r.data.tags), None))
+    return "the latest pipeline", [r for r in latest if r is not None]
 
 
 def _label(run) -> str:
@@ -170,12 +194,21 @@ def _label(run) -> str:
     return f"{entry}: {_LABELS.get(stage, stage)}" if entry else _LABELS.get(stage, stage)
 
 
-def _cost(run) -> tuple[float | None, float | None]:
+def _classes(client, run_id: str) -> int | None:
+    """The class count of a training run's model: its logged classes.json."""
+    with tempfile.TemporaryDirectory(prefix="action3d-report-") as folder:
+        try:
+            return len(json.loads(Path(client.download_artifacts(run_id, "classes.json", folder)).read_text()))
+        except Exception:  # noqa: BLE001 - an older run without it: the builder's default head
+            return None
+
+
+def _cost(run, n_classes: int | None) -> tuple[float | None, float | None]:
     """Parameters (millions) and forward GFLOPs per clip of a training run's model, from its logged params."""
     from action3d.models.summary import count_flops, count_params
 
     p = run.data.params
-    arch, kwargs = p.get("model.name"), {}
+    arch, kwargs = p.get("model.name"), ({"n_classes": n_classes} if n_classes else {})
     for key, value in p.items():
         if key.startswith("model.kwargs."):
             with contextlib.suppress(ValueError, SyntaxError):
@@ -206,7 +239,7 @@ def collect(client, experiment_id: str, out: Path, *, study: str | None = None,
     rows = []
     for i, run in enumerate(runs):
         m, info = run.data.metrics, run.info
-        params_m, gflops = _cost(run)
+        params_m, gflops = _cost(run, _classes(client, info.run_id))
         label = _label(run)
         row = ModelRow(label, info.run_id, run.data.tags.get("stage", "?"), run.data.params.get("model.name", "?"),
                        params_m, gflops, m.get("final_train_top1"), m.get("best_val_video_top1"),
@@ -293,8 +326,14 @@ def write_report(out: Path, *, tracking_uri: str, experiment: str, model_name: s
     """reports/index.html and reports/README.md (same content) with images in reports/img/. Returns index.html."""
     import html
 
+    from mlflow.exceptions import MlflowException
+
     client = _client(tracking_uri)
-    found = client.get_experiment_by_name(experiment)
+    try:
+        found = client.get_experiment_by_name(experiment)
+    except MlflowException as err:
+        raise Action3dError(f"cannot read the tracking store {shareable_uri(tracking_uri)} ({str(err).splitlines()[0]})"
+                            ": start the server or set MLFLOW_TRACKING_URI to a store that answers") from None
     if found is None:
         raise Action3dError(f"no MLflow experiment {experiment!r} in {shareable_uri(tracking_uri)}: run the pipeline "
                             "first (`make run`), or name one with --experiment")

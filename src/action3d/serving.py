@@ -41,7 +41,7 @@ class VideoModel(mlflow.pyfunc.PythonModel):
         self.classifier = Classifier.from_file(context.artifacts["checkpoint"], source="the served model")
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        topk = int((params or {}).get("topk") or 5)
+        topk = int((params or {}).get("topk", 5))
         if topk < 1:
             raise ValueError(f"params.topk must be at least 1, got {topk}")
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
@@ -51,12 +51,12 @@ class VideoModel(mlflow.pyfunc.PythonModel):
         return pd.DataFrame([self._answer(row, topk) for row in frame.to_dict("records")])
 
     def _answer(self, row: dict, topk: int) -> dict[str, Any]:
-        from action3d.predict import PredictError
+        from action3d.errors import Action3dError
 
         try:
             with _local_video(row) as path:
                 result = self.classifier.predict(path, topk=topk)
-        except (PredictError, ValueError, OSError, RuntimeError) as err:
+        except (Action3dError, ValueError, OSError, RuntimeError) as err:  # a bad video, an S3 object not there
             return {"label": "", "probability": 0.0, "top_classes": [], "top_probabilities": [],
                     "error": str(err)}
         return {"label": result.top[0][0], "probability": result.top[0][1],
@@ -85,7 +85,11 @@ class _local_video:
 
             self.folder = tempfile.TemporaryDirectory(prefix="action3d-serve-")
             target = Path(self.folder.name) / Path(video).name
-            download(video, target)
+            try:
+                download(video, target, progress=False)
+            except BaseException:
+                self.folder.cleanup()  # __exit__ does not run when __enter__ fails
+                raise
             return target
         path = Path(video.removeprefix("file://"))
         if not path.is_file():
@@ -154,6 +158,7 @@ def load_module(uri: str):
     """The torch module inside a logged video model (for tracking.load_registered_model)."""
     model = mlflow.pyfunc.load_model(uri)
     if model.metadata.flavors["python_function"].get("loader_module") != "mlflow.pyfunc.model":
-        return model.get_raw_model()  # a tensor-in model (tracking.StageRun.log_model): the module itself
-    return model.unwrap_python_model().classifier.model
+        # a tensor-in model (tracking.StageRun.log_model): the module itself, on the CPU as the caller's tensors are
+        return mlflow.pytorch.load_model(uri, map_location="cpu")
+    return model.unwrap_python_model().classifier.model  # read_checkpoint loads onto the CPU
 

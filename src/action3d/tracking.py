@@ -411,7 +411,8 @@ def _find_logged_model(client: MlflowClient, run_id: str, artifact: str) -> str:
     )
     if not models:
         raise LookupError(
-            f"run {run_id} has no logged model named '{artifact}': log one with StageRun.log_model first"
+            f"run {run_id} has no logged model named '{artifact}': it was trained before the stages logged it. "
+            "Re-run its training stage (`dvc repro -f finetune`), or register a newer run"
         )
     return max(models, key=lambda m: m.creation_timestamp).model_id  # the latest if it was logged twice
 

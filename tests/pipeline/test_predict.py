@@ -212,6 +212,9 @@ def test_the_champion_serves_videos_over_rest(project, tmp_path):
                 break
             except OSError:
                 time.sleep(0.5)
+        else:
+            raise AssertionError("mlflow models serve did not answer /ping in 2 minutes:\n"
+                                 + (tmp_path / "serve.log").read_text()[-3000:])
         rows = [{"video_b64": base64.b64encode(video.read_bytes()).decode()}, {"video": str(video)},
                 {"video_b64": base64.b64encode(b"not a video").decode()}]
         body = json.dumps({"dataframe_records": rows, "params": {"topk": 2}}).encode()

@@ -97,7 +97,22 @@ def test_a_study_prunes_bad_trials_tracks_them_and_its_best_reproduces(project):
     assert {"plots/history.png", "plots/importances.png"} <= artifacts
     assert parent.data.tags["best_dvc_exp_run"] == result["dvc_exp_run"]
 
-    # the written report of the tuning study: one row per trial, with the trial's own numbers and curves
+    # --apply writes the best knobs into params.yaml; the stage as DVC runs it then scores the very same
+    before = (project / "params.yaml").read_text()
+    applied = _tune(project, "-S", "tune.trials=5", "--apply")  # the study is done: it only reports and applies
+    added = [line for line in applied.stdout.splitlines() if line.startswith("+  lr:")]
+    assert "params.yaml (best trial)" in applied.stdout and len(added) == 1  # the diff, shown
+    assert yaml.safe_load((project / "params.yaml").read_text())["scratch"]["lr"] == best.params["scratch.lr"]
+    assert (project / "params.yaml").read_text() != before
+
+    stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["scratch"]["cmd"].split()
+    subprocess.run([sys.executable, "-m", "action3d.cli", *stage[1:]], cwd=project, check=True, capture_output=True)
+    rows = [line.split(",") for line in (project / "runs/scratch/history.csv").read_text().splitlines()]
+    column = rows[0].index("val_loss")
+    assert min(float(r[column]) for r in rows[1:]) == best.value
+
+    # the written report of the tuning study: one row per trial, with the trial's own numbers and curves (after
+    # --apply, whose `action3d tune` call opened a parent run of its own with no trials)
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     subprocess.run([sys.executable, "-m", "action3d.cli", "report", "--tune", "scratch"], cwd=project, env=env,
                    check=True, capture_output=True)
@@ -108,19 +123,6 @@ def test_a_study_prunes_bad_trials_tracks_them_and_its_best_reproduces(project):
         row = next(line for line in report.splitlines() if line.startswith(f"| trial {trial.number} |"))
         assert f"| {100 * run.data.metrics['train_top1']:.1f} |" in row  # its last epoch's (pruned or not)
     assert len(list((project / "reports/img").glob("*-curves.png"))) == len(trials)
-
-    # --apply writes the best knobs into params.yaml; the stage as DVC runs it then scores the very same
-    before = (project / "params.yaml").read_text()
-    applied = _tune(project, "-S", "tune.trials=5", "--apply")  # the study is done: it only reports and applies
-    added = [line for line in applied.stdout.splitlines() if line.startswith("+  lr:")]
-    assert "params.yaml (best trial)" in applied.stdout and len(added) == 1  # the diff, shown
-    assert yaml.safe_load((project / "params.yaml").read_text())["scratch"]["lr"] == best.params["scratch.lr"]
-    assert (project / "params.yaml").read_text() != before
-    stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["scratch"]["cmd"].split()
-    subprocess.run([sys.executable, "-m", "action3d.cli", *stage[1:]], cwd=project, check=True, capture_output=True)
-    rows = [line.split(",") for line in (project / "runs/scratch/history.csv").read_text().splitlines()]
-    column = rows[0].index("val_loss")
-    assert min(float(r[column]) for r in rows[1:]) == best.value
 
 
 def test_two_workers_share_one_journal_and_finish_the_count(project):

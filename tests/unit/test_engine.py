@@ -364,7 +364,7 @@ def test_bf16_convolution_errors_flags_exactly_the_layers_autocast_gets_wrong():
     model = create_model("resnet10", n_classes=4).train()
     clip = (3, 8, 32, 32)
     stats = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
-    wrong = engine.bf16_convolution_errors(model, clip, channels_last=False)
+    wrong = engine.bf16_convolution_errors(model, clip)  # channels_last_3d, as the training stages run
     assert model.training and all(torch.equal(v, model.state_dict()[k]) for k, v in stats.items())
 
     inputs = {}
@@ -376,8 +376,8 @@ def test_bf16_convolution_errors_flags_exactly_the_layers_autocast_gets_wrong():
         hook.remove()
     strays = set()
     for name, shape in inputs.items():
-        conv = dict(model.named_modules())[name]
-        x = torch.randn(shape)
+        conv = dict(model.named_modules())[name].to(memory_format=torch.channels_last_3d)
+        x = torch.randn(shape).to(memory_format=torch.channels_last_3d)
         grads = []
         for bf16 in (False, True):
             conv.zero_grad()

@@ -113,7 +113,8 @@ def train_stage(
     arch, model_kwargs = model.arch, dict(model.model_kwargs)
     bf16 = train_cfg.bf16
     if bf16 and device.type == "cpu":  # this CPU's bf16 kernels must compute the same gradients as fp32, or no bf16
-        wrong = engine.bf16_convolution_errors(model, (3, params.clip.frames, params.clip.crop_size,
+        channels = model_kwargs.get("n_input_channels") or 3
+        wrong = engine.bf16_convolution_errors(model, (channels, params.clip.frames, params.clip.crop_size,
                                                        params.clip.crop_size), channels_last=train_cfg.channels_last)
         if wrong:
             bf16 = False
@@ -204,9 +205,10 @@ def train_stage(
         example = torch.zeros(2, 3, params.clip.frames, params.clip.crop_size, params.clip.crop_size)
         model_uri = run.log_model(model_from_checkpoint(out_dir / "model.pt"), example,
                                   metadata={"arch": arch, "model_kwargs": model_kwargs})
-        from action3d.serving import log_video_model  # what the register stage registers: videos in, labels out
+        if "trial" not in hooks.tags:  # a tuning trial is never registered: no second copy of its weights
+            from action3d.serving import log_video_model  # what the register stage registers: videos in, labels out
 
-        log_video_model(out_dir / "model.pt", card, metadata={"arch": arch, "model_kwargs": model_kwargs})
+            log_video_model(out_dir / "model.pt", card, metadata={"arch": arch, "model_kwargs": model_kwargs})
         from action3d.stages.common import shareable_uri  # a tracked file: no machine path, no password
 
         write_json(out_dir / "run.json", {"run_id": run.run_id, "model_uri": model_uri,
