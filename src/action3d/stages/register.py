@@ -50,10 +50,19 @@ def run(params: Params, *, train_dir: str | Path, metrics_path: str | Path, test
         print(f"re-scoring the champion of {params.registry.model_name} on {test_manifest}", flush=True)
         return score(params, model_path=checkpoint, manifest=test_manifest, cache_dir=cache_dir)[0]
 
-    registration = register_model(
-        train_run["run_id"], params.registry.model_name, metrics=scores, data_digest=test_data_digest(test_manifest, cache_dir),
-        metric_key=params.registry.metric, tracking_uri=tracking_uri(), rescore=rescore, artifact=VIDEO_MODEL,
-    )  # fmt: skip
+    def register(artifact: str):
+        return register_model(
+            train_run["run_id"], params.registry.model_name, metrics=scores, data_digest=test_data_digest(test_manifest, cache_dir),
+            metric_key=params.registry.metric, tracking_uri=tracking_uri(), rescore=rescore, artifact=artifact,
+        )  # fmt: skip
+
+    try:
+        registration = register(VIDEO_MODEL)
+    except LookupError:  # a run trained before the stages logged a video model: its tensor model, said so
+        print(f"run {train_run['run_id']} has no {VIDEO_MODEL} model (trained before the stages logged one): "
+              "registering its tensor-in model, which `mlflow models serve` cannot give videos; re-run the "
+              "training stage (`dvc repro -f finetune`) for one that serves videos", flush=True)
+        registration = register("model")
     record = {**dataclasses.asdict(registration), "run_id": train_run["run_id"], "model_uri":
               f"models:/{registration.name}/{registration.version}", "tracking_uri": shareable_uri(tracking_uri()),
               params.registry.metric: scores[params.registry.metric]}
