@@ -25,7 +25,7 @@ FITS = 0.9  # a baseline that scores at least this on its own training videos wa
 
 
 def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.1f}%"
+    return "-" if value is None else f"{_f(value)}%"
 
 
 def report(runs: Path) -> str:

@@ -77,7 +77,10 @@ class _local_video:
                 data = base64.b64decode(encoded, validate=True)
             except (binascii.Error, ValueError):
                 raise ValueError("video_b64 is not base64: send the file's bytes base64-encoded") from None
-            return self._temporary("video", data)
+            self.folder = tempfile.TemporaryDirectory(prefix="action3d-serve-")
+            path = Path(self.folder.name) / "video"  # the container is found from the bytes, not the name
+            path.write_bytes(data)
+            return path
         if not isinstance(video, str) or not video:
             raise ValueError("the row has neither 'video' nor 'video_b64'")
         if video.startswith("s3://"):
@@ -94,12 +97,6 @@ class _local_video:
         path = Path(video.removeprefix("file://"))
         if not path.is_file():
             raise ValueError(f"{video}: no such file on the server; send the bytes as 'video_b64' instead")
-        return path
-
-    def _temporary(self, name: str, data: bytes) -> Path:
-        self.folder = tempfile.TemporaryDirectory(prefix="action3d-serve-")
-        path = Path(self.folder.name) / name  # the container is found from the bytes, not the name
-        path.write_bytes(data)
         return path
 
     def __exit__(self, *exc) -> None:

@@ -780,15 +780,11 @@ def _versions_or_error(client: MlflowClient, name: str, tracking_uri: str) -> li
     versions = _versions(client, name)
     if not versions:
         names = sorted(m.name for m in client.search_registered_models())
-        raise RegistryError(f"no registered model {name!r} in {_shown(tracking_uri)}; registered: "
+        from action3d.stages.common import shareable_uri  # printed: no password, no machine path
+
+        raise RegistryError(f"no registered model {name!r} in {shareable_uri(tracking_uri)}; registered: "
                             f"{', '.join(names) or 'none (run the pipeline: `dvc repro`)'}")
     return versions
-
-
-def _shown(tracking_uri: str) -> str:
-    from action3d.stages.common import shareable_uri
-
-    return shareable_uri(tracking_uri)
 
 
 def download_version_checkpoint(uri: str, *, tracking_uri: str, dst: str | Path | None = None) -> Path:
