@@ -117,7 +117,7 @@ class Trainer:
         self.size, self.device, self.count = size, device, 0
         model = create_model(size.arch, n_classes=n_classes, **size.kwargs)
         self.model = engine.prepare_model(model, device, channels_last=size.channels_last, compile=compile)
-        t = params.pretrain  # the stage's optimiser knobs, but a small lr: no warmup here, and speed ignores it
+        t = params.scratch.pretrain  # the stage's optimiser knobs, but a small lr: no warmup here, and speed ignores it
         self.optimizer = engine.build_optimizer(self.model, lr=lr, momentum=t.momentum, dampening=t.dampening,
                                                 weight_decay=t.weight_decay, nesterov=t.nesterov)
         self.criterion = nn.CrossEntropyLoss()
@@ -212,11 +212,11 @@ def tracked_epochs(trainer: Trainer, loader: TimedLoader, epochs: int, tracking:
             r = trainer.epoch(loader)
             train_s, clips = train_s + r["wall_s"], clips + r["clips"]
         return {"total_s": time.perf_counter() - start, "train_s": train_s, "tracking_s": 0.0, "clips": clips}
-    from action3d.tracking import start_stage_run
+    from action3d.tracking.runs import start_stage_run
 
     t0 = time.perf_counter()
     with start_stage_run(
-        "pretrain", experiment=tracking["experiment"], tracking_uri=tracking["uri"], params=params.flat(),
+        "scratch@pretrain", experiment=tracking["experiment"], tracking_uri=tracking["uri"], params=params.flat(),
         params_hash=params.digest(), data_digests={"train": tracking["digest"]}, repo_dir=ROOT,
         tags={"benchmark": "end_to_end"},
     ) as run:  # fmt: skip
@@ -272,7 +272,7 @@ def project_demo_stage(params, tracking: dict) -> dict:
     """The tracking share of the demo's pretrain stage: per-epoch logging over its epochs, one run start and end,
     against its epochs over its whole training set at the clips/s measured here (validation left out, which
     only lowers the share)."""
-    p, s = params.pretrain, params.synth.pretrain
+    p, s = params.scratch.pretrain, params.synth.sets.pretrain
     clips = (s.classes * s.train_per_class) // p.batch_size * p.batch_size
     train_s = p.epochs * clips / tracking["train_clips_per_s"]
     track_s = tracking["run_start_s"] + tracking["run_end_s"] + p.epochs * tracking["log_epoch_s"]
@@ -284,7 +284,7 @@ def project_demo_stage(params, tracking: dict) -> dict:
 
 
 def sizes_from(params, args, device: torch.device) -> list[Size]:
-    t = params.pretrain
+    t = params.scratch.pretrain
     demo = Size("demo", params.cache.short_side, params.clip.crop_size, params.clip.frames, params.model.name,
                 dict(params.model.kwargs), 4 if args.quick else t.batch_size, t.bf16, t.channels_last, None)
     paper_batch = 2 if args.quick else args.paper_batch or (32 if device.type == "cuda" else 8)
@@ -331,15 +331,15 @@ def main(argv=None) -> dict:
 
     t0 = time.perf_counter()
     import mlflow  # noqa: F401  (its import is a one-off of the process, not of tracking)
-    from action3d.tracking import get_or_create_experiment
-    from action3d.storage import file_md5
+    from action3d.project import file_md5
+    from action3d.tracking.store import experiment_id
 
     import_s = time.perf_counter() - t0
     uri = f"sqlite:///{work / 'mlflow.db'}"
     t0 = time.perf_counter()
-    get_or_create_experiment("benchmark", tracking_uri=uri)  # creates the store (schema migrations): one-off
+    experiment_id("benchmark", tracking_uri=uri)  # creates the store (schema migrations): one-off
     store_s = time.perf_counter() - t0
-    stage_workers = min(params.pretrain.workers, os.cpu_count() or 1)
+    stage_workers = min(params.scratch.pretrain.workers, os.cpu_count() or 1)
 
     results = {}
     for size in sizes:

@@ -495,14 +495,14 @@ def demo_case(args, device: torch.device, ours: list[Recipe]) -> Case:
         raise SystemExit(f"--models {DEMO} reads params.yaml through action3d.config, which needs {err.name or err}: "
                          "install the project's dependencies or leave the demo out") from None
     p = load_params(args.params)
-    knobs = Recipe("ours, params.yaml", engine=True, bf16=p.pretrain.bf16, channels_last=p.pretrain.channels_last,
-                   compile=p.pretrain.compile)
+    t = p.scratch.pretrain
+    knobs = Recipe("ours, params.yaml", engine=True, bf16=t.bf16, channels_last=t.channels_last, compile=t.compile)
     recipes = [reference_recipe(), *ours]
     if all((knobs.bf16, knobs.channels_last, knobs.compile) != (r.bf16, r.channels_last, r.compile) for r in ours):
         recipes.append(knobs)
-    kwargs = {"n_classes": p.synth.pretrain.classes, **p.model.kwargs}
+    kwargs = {"n_classes": (p.synth.sets.pretrain.classes if p.synth.sets.pretrain else 400), **p.model.kwargs}
     frames, crop = (8, 32) if args.quick else (p.clip.frames, p.clip.crop_size)
-    batch = args.batch or (2 if args.quick else p.pretrain.batch_size)
+    batch = args.batch or (2 if args.quick else t.batch_size)
     return Case(DEMO, p.model.name, kwargs, frames, crop, batch, recipes)
 
 

@@ -26,6 +26,7 @@ from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 
 from action3d import study as studies  # noqa: E402
 from action3d.config import Params, load_params  # noqa: E402
+from action3d.project import slug  # noqa: E402
 from action3d.workspace import Workspace  # noqa: E402
 
 
@@ -38,7 +39,7 @@ def run_entry(root: str, name: str, entry: str, params: Params, overrides: list[
     gpu = gpus.get() if gpus is not None else None
     try:
         row = studies.run_entry(project, name, entry, params, overrides, targets, gpu=gpu, tracking_uri=tracking_uri,
-                                run_tags={"study": name, "study_entry": entry, "mlflow.parentRunId": study_run_id})
+                                study_run_id=study_run_id)
     finally:
         if gpu is not None:
             gpus.put(gpu)
@@ -51,8 +52,10 @@ def run_entry(root: str, name: str, entry: str, params: Params, overrides: list[
 def study(entries: dict[str, list[str]] | None = None, name: str = "architecture", parallel: int | None = None,
           targets: list[str] | None = None, root: str = ".") -> list[dict]:
     """Run every entry (default: params.yaml's study.entries) and collect the comparison table."""
+    from action3d.distributed import visible_gpus
     from action3d.plots import plot_study
-    from action3d.tracking import create_study_run, log_study, resolve_tracking_uri
+    from action3d.project import tracking_uri
+    from action3d.tracking.runs import create_parent_run, finish_run, log_study_table
 
     project = Workspace(root)
     params = load_params(project.root / "params.yaml")
@@ -61,38 +64,40 @@ def study(entries: dict[str, list[str]] | None = None, name: str = "architecture
     checked = studies.check_entries(project.root / "params.yaml", chosen)  # every entry, before any runs
     project.check(targets=targets)
     slots = studies.parallel_slots(parallel or params.study.parallel)
-    gpus = studies.environment_gpus()
+    gpus = visible_gpus()
     free = None
     if gpus:
         free = queue.Queue()
         for gpu in gpus[:slots]:
             free.put(gpu)
-    uri = resolve_tracking_uri(project.root / "mlflow.db")  # every entry's clone records its runs in the project's
+    uri = tracking_uri(project.root)  # every entry's clone records its runs in the project's store
     if slots > 1 and uri.startswith("sqlite:"):
         raise studies.StudyError(f"{slots} entries at once would write to one sqlite file ({uri}) from many "
                                  "processes: start an MLflow server and set MLFLOW_TRACKING_URI, or set study.parallel: 1")
-    run_id = create_study_run(name, experiment=params.tracking.experiment, tracking_uri=uri, repo_dir=project.root)
+    study_run = create_parent_run(f"study-{name}", experiment=params.tracking.experiment, tracking_uri=uri,
+                                  tags={"stage": "study", "study": name}, repo_dir=project.root)
     print(f"study {name}: {len(checked)} entries, {slots} at a time" + (f" on GPUs {gpus[:slots]}" if gpus else ""))
 
     with ThreadPoolTaskRunner(max_workers=slots) as runner:
         futures = [runner.submit(run_entry, {"root": root, "name": name, "entry": entry, "params": checked[entry],
                                              "overrides": overrides,
                                              "targets": targets, "gpus": free, "tracking_uri": uri,
-                                             "study_run_id": run_id})
+                                             "study_run_id": study_run.run_id})
                    for entry, overrides in chosen.items()]
         rows = [future.result() for future in futures]
 
     out = project.root / "reports" / "study"
-    csv_path = studies.write_csv(rows, out / f"{name}.csv")
+    csv_path = studies.write_table(rows, out / f"{name}.csv")
     plot_path = out / f"{name}.png"
     plot_study(rows, plot_path, title=f"study {name}")
     table = studies.markdown_table(name, rows)
-    log_study(run_id, rows, tracking_uri=uri, files=[csv_path, plot_path])
+    log_study_table(study_run, rows, files=[csv_path, plot_path])
+    finish_run(study_run)
     if project.has_git_remote("origin") and project.remote() is not None:  # a worker's clone: send them home
         for row in rows:
             if row["status"] == "ok":
                 project.push_experiment(row["experiment"])
-    create_markdown_artifact(key=f"study-{name}".lower().replace("_", "-"), markdown=table,
+    create_markdown_artifact(key=slug(f"study-{name}"), markdown=table,
                              description=f"architecture study {name}")
     print(table)
     return rows

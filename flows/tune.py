@@ -22,6 +22,7 @@ from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 
 from action3d import tune as tuning  # noqa: E402
+from action3d.project import slug  # noqa: E402
 from action3d.workspace import Workspace  # noqa: E402
 
 
@@ -31,9 +32,8 @@ def worker(root: str, overrides: list[str], parent_run_id: str | None, index: in
     predecessor was running (its process is gone) and resumes it from its checkpoint."""
     ws = Workspace(root)
     ws.extra_env.update(tuning.worker_gpu_env(index))  # one GPU per worker when there are GPUs
-    argv = ["action3d", "tune", "--worker", str(index), *(["--parent-run", parent_run_id] if parent_run_id else []),
-            *[a for o in overrides for a in ("-S", o)]]
-    return ws.run(*argv, echo=True).returncode
+    setup = tuning.setup(ws.root / "params.yaml", overrides)
+    return ws.run("action3d", *tuning.worker_argv(setup, index, parent_run_id), echo=True).returncode
 
 
 @flow(name="action3d-tune", log_prints=True)
@@ -61,7 +61,7 @@ def tune(n_workers: int = 2, overrides: list[str] | None = None, join: bool = Fa
             for future in futures:
                 future.result()
             result = tuning.summarise(setup, parent, apply=apply)
-    create_markdown_artifact(key=f"tune-{setup.study_name}".lower().replace("_", "-"), markdown=(
+    create_markdown_artifact(key=slug(f"tune-{setup.study_name}"), markdown=(
         f"### Optuna study `{result['study']}`\n\nbest trial {result['best_trial']}: {setup.tune.metric} = "
         f"{result['best_value']:.4g}\n\ntrials: {result['trials']}\n\nreproduce: `{result['dvc_exp_run']}`\n"))
     return result

@@ -1,10 +1,112 @@
-"""Settings for every test process (and the servers and CLIs they start, which inherit the environment)."""
+"""Settings for every test process, and the expensive set-ups made once per session and shared: the tiny demo data
+(made by the stages), the tiny pipeline after one real `dvc repro`, and the S3 server."""
+
+from __future__ import annotations
 
 import os
+import shutil
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import ROOT, TINY, MotoServer, make_project_repo, moto, run
 
 # MLflow's usage telemetry cannot reach its collector offline; when it gives up it unsets an environment
 # variable from a background thread, which races with code reading os.environ (a KeyError in a test).
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-# Prefect's servers (the test harness's, ours) try to send usage telemetry, which cannot leave this machine: it
-# only fills the logs with "database is locked" races on their sqlite file.
+# Prefect's servers (the test harness's, ours) try to send usage telemetry, which cannot leave this machine.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_params():
+    from action3d.config import load_params
+
+    return load_params(ROOT / "params.yaml", TINY)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory, tiny_params) -> Path:
+    """synth -> split -> cache of both demo sets, through the stage functions, in a folder laid out as the project
+    (data/demo, data/splits, data/cache); returns that folder."""
+    from action3d.stages import STAGES
+
+    root = tmp_path_factory.mktemp("tiny-data")
+    cwd = os.getcwd()
+    os.chdir(root)  # the stages read data.<role>.path relative to the project, as dvc.yaml runs them
+    try:
+        for role in ("pretrain", "finetune"):
+            STAGES["synth"].run(tiny_params, role=role, out=f"data/demo/{role}")
+            STAGES["split"].run(tiny_params, role=role, out=f"data/splits/{role}")
+            STAGES["cache"].run(tiny_params, role=role, manifests=f"data/splits/{role}", out=f"data/cache/{role}")
+    finally:
+        os.chdir(cwd)
+    return root
+
+
+@pytest.fixture
+def workdir(tmp_path, tiny_data, monkeypatch) -> Path:
+    """A project folder (with .dvc, so the MLflow store lands in it) whose data/ is the session's tiny data."""
+    (tmp_path / ".dvc").mkdir()
+    shutil.copytree(tiny_data / "data", tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return tmp_path
+
+
+class Pipeline:
+    """The tiny project after its first `dvc repro` (every stage, a registered champion), committed."""
+
+    def __init__(self, repo: Path, first_output: str):
+        self.repo, self.first_output = repo, first_output
+
+    def reset(self) -> Path:
+        """The repository as its baseline commit left it, whatever an earlier test changed (outputs included)."""
+        run(self.repo, "git", "checkout", "-q", "--", ".")
+        run(self.repo, "git", "clean", "-qfd", "--", "src")
+        run(self.repo, "dvc", "checkout", "-q", check=False)
+        return self.repo
+
+
+@pytest.fixture(scope="session")
+def pipeline(tmp_path_factory) -> Pipeline:
+    repo = make_project_repo(tmp_path_factory.mktemp("pipeline") / "project")
+    first = run(repo, "dvc", "repro")
+    run(repo, "git", "add", "-A")
+    run(repo, "git", "commit", "-qm", "baseline run")
+    return Pipeline(repo, first.stdout)
+
+
+@pytest.fixture
+def repo(pipeline) -> Path:
+    """The session's pipeline repository, reset to its baseline commit: for tests that change it and put it back."""
+    return pipeline.reset()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    with moto(tmp_path_factory.mktemp("moto") / "moto.log") as server:
+        yield server
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch, tmp_path) -> MotoServer:
+    """The AWS variables of the moto server in os.environ for one test (and the developer's ~/.aws hidden), so that
+    anything the test runs, subprocesses included, talks to moto."""
+    for name, value in s3_server.env.items():
+        monkeypatch.setenv(name, value)
+    for name in ("AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_REGION", "MLFLOW_S3_ENDPOINT_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    return s3_server
+
+
+@pytest.fixture
+def s3_bucket(s3_env) -> str:
+    """A fresh, empty bucket on the moto server (implies s3_env)."""
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    s3_env.client().create_bucket(Bucket=name)
+    return name

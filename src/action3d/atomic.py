@@ -1,17 +1,20 @@
 """Writing files that matter all or nothing: a temporary file beside the target, fsync, then os.replace.
 
 A crash (or a full disk) leaves either the previous file or the new one, never half of one. Checkpoints,
-manifests, metrics and the cache index all go through here.
+manifests, metrics, CSVs and the cache index all go through here.
 """
 
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import IO, Callable
+from typing import IO, Any, Callable, Iterable, Sequence
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -54,3 +57,17 @@ def write_atomic_text(path: str | os.PathLike, text: str) -> Path:
 def copy_atomic(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     with open(src, "rb") as source:
         return atomic_write(dst, lambda f: shutil.copyfileobj(source, f))
+
+
+def write_json(path: str | os.PathLike, data: Any) -> Path:
+    """JSON, all or nothing (indented, keys sorted: a DVC output under git diffs cleanly)."""
+    return write_atomic_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def write_csv(path: str | os.PathLike, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> Path:
+    """A CSV with a header row, all or nothing."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return write_atomic_text(path, buffer.getvalue())

@@ -43,6 +43,7 @@ from action3d.atomic import atomic_write, copy_atomic
 from action3d.errors import Action3dError
 from action3d.models.registry import classifier_name, create_model, is_model
 
+LAST, BEST = "last.pt", "best.pt"  # a training run's checkpoints: after its latest epoch, after its best one
 EXPECTED = "an action3d checkpoint (model.pt written by a training stage) or a 3D-ResNets-PyTorch .pth"
 
 # DataParallel / DistributedDataParallel save "module.", torch.compile "_orig_mod.".
@@ -126,7 +127,7 @@ def _code_globals(path: Path, err: Exception) -> list[str]:
     return re.findall(r"GLOBAL ([\w.]+)", str(err))
 
 
-def _load_file(path: Path, map_location: str | torch.device) -> Any:
+def _load_file(path: Path, map_location: str | torch.device, mmap: bool = False) -> Any:
     if not path.exists():
         raise CheckpointError(f"{path}: no such file. Expected {EXPECTED}.")
     if not path.is_file():
@@ -134,7 +135,7 @@ def _load_file(path: Path, map_location: str | torch.device) -> Any:
     if path.stat().st_size == 0:
         raise _not_a_checkpoint(str(path), "the file is empty")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as err:  # torch says UnpicklingError, EOFError, RuntimeError, even KeyError for a text file
         needs_code = _code_globals(path, err)
         if needs_code:
@@ -153,7 +154,7 @@ def _load_file(path: Path, map_location: str | torch.device) -> Any:
         raise _not_a_checkpoint(str(path), why) from err
 
 
-def read_checkpoint(source: Source, *, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def read_checkpoint(source: Source, *, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict[str, Any]:
     """Load a checkpoint file (or take a dict) and normalise it; the one reader of every checkpoint.
 
     Returns a dict with at least "state_dict" (wrapper prefixes such as "module." removed) plus whatever else the
@@ -347,6 +348,64 @@ def _mismatch_message(where: str, model: nn.Module, ckpt_arch, problems: list[tu
     return f"{where} does not fit model {arch!r}: {first}; {len(problems)} key(s) differ in all. Fix: {fix}."
 
 
+def _fit(model: nn.Module, state: Mapping[str, torch.Tensor]) -> tuple[list[tuple], bool]:
+    """(the keys whose shapes differ between `model` and checkpoint `state`, as (key, checkpoint shape, model
+    shape); whether only the classifier's class count differs, which fine-tuning replaces)."""
+    head_prefix = classifier_name(model) + "."
+    own = model.state_dict()
+    problems: list[tuple[str, tuple | None, tuple | None]] = []
+    replace_head = False
+    for key, tensor in own.items():
+        if key not in state:
+            # Files from before PyTorch 0.4.1 lack BN's counter; BN's loader fills it in.
+            if not key.endswith("num_batches_tracked"):
+                problems.append((key, None, tuple(tensor.shape)))
+        elif state[key].shape != tensor.shape:
+            if key.startswith(head_prefix) and state[key].shape[1:] == tensor.shape[1:]:
+                replace_head = True
+            else:
+                problems.append((key, tuple(state[key].shape), tuple(tensor.shape)))
+    problems += [(key, tuple(value.shape), None) for key, value in state.items() if key not in own]
+    return problems, replace_head
+
+
+# 3D-ResNets-PyTorch writes `arch` as "<model>-<depth>" (opts.py: model, model_depth): our registry's name for each
+_REFERENCE_FAMILIES = {"resnet": "resnet", "preresnet": "preact_resnet", "wideresnet": "wide_resnet",
+                       "resnext": "resnext", "densenet": "densenet", "resnet2p1d": "r2plus1d"}
+
+
+def registry_name(arch: str | None) -> str | None:
+    """Our model name for a checkpoint's `arch`: ours as it is, the reference's "resnet-18" as "resnet18"; None
+    when the file names none we know."""
+    if not isinstance(arch, str):
+        return None
+    if is_model(arch):
+        return arch
+    family, _, depth = arch.lower().rpartition("-")
+    name = f"{_REFERENCE_FAMILIES.get(family, family)}{depth}"
+    return name if is_model(name) else None
+
+
+def check_fits(path: str | os.PathLike, model_name: str, model_kwargs: Mapping[str, Any], *, knob: str) -> None:
+    """Raise CheckpointMismatchError unless checkpoint `path` loads into `model_name` built with `model_kwargs`
+    (any class count): its `arch` names that model and its keys and shapes are the model's. Reads the keys and
+    shapes, not the weights (the file is memory-mapped, the model built on the meta device); `knob` is the params
+    key that names the file, for the message."""
+    try:
+        ckpt = read_checkpoint(path, mmap=True)
+    except CheckpointError as err:
+        raise CheckpointError(f"{knob}: {err}") from None
+    named = registry_name(ckpt.get("arch"))
+    if named is not None and named != model_name:
+        raise CheckpointMismatchError(f"{knob} ({path}) is a {ckpt['arch']} (its 'arch'), but model.name is "
+                                      f"{model_name}: set model.name: {named}, or give a {model_name} checkpoint")
+    with torch.device("meta"):
+        model = create_model(model_name, **{k: v for k, v in model_kwargs.items() if k != "n_classes"})
+    problems, _ = _fit(model, ckpt["state_dict"])
+    if problems:
+        raise CheckpointMismatchError(f"{knob}: " + _mismatch_message(str(path), model, ckpt.get("arch"), problems))
+
+
 def load_pretrained(
     model: nn.Module, source: Source, *, map_location: str | torch.device = "cpu"
 ) -> LoadedCheckpoint:
@@ -361,21 +420,7 @@ def load_pretrained(
     state = ckpt["state_dict"]
     target = unwrap_model(model)
     head_prefix = classifier_name(target) + "."
-    own = target.state_dict()
-
-    problems: list[tuple[str, tuple | None, tuple | None]] = []
-    replace_head = False
-    for key, tensor in own.items():
-        if key not in state:
-            # Files from before PyTorch 0.4.1 lack BN's counter; BN's loader fills it in.
-            if not key.endswith("num_batches_tracked"):
-                problems.append((key, None, tuple(tensor.shape)))
-        elif state[key].shape != tensor.shape:
-            if key.startswith(head_prefix) and state[key].shape[1:] == tensor.shape[1:]:
-                replace_head = True
-            else:
-                problems.append((key, tuple(state[key].shape), tuple(tensor.shape)))
-    problems += [(key, tuple(value.shape), None) for key, value in state.items() if key not in own]
+    problems, replace_head = _fit(target, state)
     if problems:
         raise CheckpointMismatchError(_mismatch_message(_describe(source), target, ckpt.get("arch"), problems))
 
@@ -407,7 +452,7 @@ def model_from_checkpoint(
             f"model_kwargs={'present' if kwargs is not None else 'absent'}): expected an action3d checkpoint "
             f"(model.pt written by a training stage). A file saved by 3D-ResNets-PyTorch is like that: build the "
             f"model yourself, e.g. create_model('resnet50', shortcut_type='B', n_classes=...), then call "
-            f"load_pretrained(model, path) (in the pipeline: finetune.init=checkpoint with finetune.checkpoint)."
+            f"load_pretrained(model, path) (the pipeline does that for finetune.pretrained)."
         )
     kwargs = dict(kwargs)
     if n_classes is not None:

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import copy
 import difflib
-import hashlib
-import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from action3d.errors import Action3dError
+from action3d.project import digest
 
 
 class ParamsError(Action3dError):
@@ -28,7 +27,17 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-# --- demo data -------------------------------------------------------------------------------------------------
+# --- the data sets: where each comes from --------------------------------------------------------------------
+
+Role = Literal["pretrain", "finetune"]  # the large set (pretraining) and the small one (fine-tuning, the baseline)
+Layout = Literal["kinetics", "ucf101", "hmdb51", "folder"]
+DEMO_ROOT = "data/demo"  # where stage synth writes the demo set of a role: data/demo/<role>
+PRETRAINED = "runs/scratch/pretrain/model.pt"  # the model stage scratch@pretrain makes
+
+
+class DataSet(Section):
+    path: str  # a folder in `layout`: the demo's (data/demo/<role>) or yours, tracked by DVC
+    layout: Layout
 
 
 class SynthPretrain(Section):
@@ -44,6 +53,13 @@ class SynthFinetune(Section):
     clips_per_group: int = 1
 
 
+class SynthSets(Section):
+    """The demo sets stage synth makes, by role (data/demo/<role>); an absent role is not made."""
+
+    pretrain: SynthPretrain | None = None
+    finetune: SynthFinetune | None = None
+
+
 class Synth(Section):
     seed: int = 0
     looks: int = 8
@@ -53,16 +69,10 @@ class Synth(Section):
     seconds: float = 1.6
     gop: int = 250
     crf: int = 18
-    pretrain: SynthPretrain = SynthPretrain()
-    finetune: SynthFinetune = SynthFinetune()
-
-
-Layout = Literal["kinetics", "ucf101", "hmdb51", "folder"]
+    sets: SynthSets = SynthSets(pretrain=SynthPretrain(), finetune=SynthFinetune())
 
 
 class Split(Section):
-    pretrain_layout: Layout = "kinetics"
-    finetune_layout: Layout = "ucf101"
     split: Literal[1, 2, 3] = 1
     val_fraction: float = Field(0.2, ge=0.0, lt=1.0)
     test_fraction: float = Field(0.2, ge=0.0, lt=1.0)
@@ -135,25 +145,33 @@ def _check_warmup(section: Train) -> Train:
     return section
 
 
-class Scratch(Train):
-    """The from-scratch baseline on the small set: its own optimiser knobs, as many epochs as fine-tuning by default
-    (`epochs: null`), so that the comparison is fair to both."""
+class Baseline(Train):
+    """Training from scratch on the small set, the baseline of the transfer question: as many epochs as fine-tuning
+    by default (`epochs: null`), so that the comparison is fair to both."""
 
     epochs: int | None = None  # type: ignore[assignment]  # None = finetune.epochs (filled in by Params)
+
+
+class Scratch(Section):
+    """Training from random weights, per set: on the large set this is pretraining, on the small one the baseline."""
+
+    pretrain: Train = Train(epochs=40, lr=0.1)
+    finetune: Baseline = Baseline()
 
 
 class Finetune(Train):
     lr: float = 1e-3
     weight_decay: float = 1e-5
     ft_begin_module: str = "layer4"
-    init: Literal["pretrain", "scratch", "checkpoint"] = "pretrain"
-    checkpoint: str | None = None  # a 3D-ResNets-PyTorch .pth when init == "checkpoint"
+    pretrained: str = PRETRAINED  # the weights to start from: scratch@pretrain's model, or a 3D-ResNets-PyTorch file
 
 
 class Evaluate(Section):
     batch_size: int = 16
     workers: int = 2
     time_shuffle_control: bool = True
+    device: str = "auto"
+    channels_last: bool = True
 
 
 class Registry(Section):
@@ -163,6 +181,8 @@ class Registry(Section):
 
 class Tracking(Section):
     experiment: str = "action3d"
+    parent_run: str | None = None  # nest every stage's MLflow run under this run (a study sets it for its entries)
+    tags: dict[str, str] = {}  # more tags on every stage's run (a study sets study and study_entry)
 
 
 class Storage(Section):
@@ -218,7 +238,7 @@ class Distribution(Section):
 class Tune(Section):
     """Hyperparameter tuning (`action3d tune`): a stage's function run per trial, its metric maximised."""
 
-    target: Literal["finetune", "scratch", "pretrain"] = "finetune"
+    target: Literal["finetune", "scratch@finetune", "scratch@pretrain"] = "finetune"
     metric: str = "val_video_top1"  # reported every epoch; the trial's value is its best epoch
     direction: Literal["maximize", "minimize"] = "maximize"
     trials: int = Field(12, ge=1)  # complete + pruned, over every worker
@@ -247,17 +267,22 @@ class Tune(Section):
         return space
 
 
+def _demo_sets() -> dict[str, DataSet]:
+    return {"pretrain": DataSet(path=f"{DEMO_ROOT}/pretrain", layout="kinetics"),
+            "finetune": DataSet(path=f"{DEMO_ROOT}/finetune", layout="ucf101")}
+
+
 class Params(Section):
     seed: int = 0
+    data: dict[Role, DataSet] = Field(default_factory=_demo_sets)
     synth: Synth = Synth()
     split: Split = Split()
     cache: Cache = Cache()
     model: Model = Model()
     clip: Clip = Clip()
     augment: Augment = Augment()
-    pretrain: Train = Train()
-    finetune: Finetune = Finetune()
     scratch: Scratch = Scratch()
+    finetune: Finetune = Finetune()
     evaluate: Evaluate = Evaluate()
     registry: Registry = Registry()
     tracking: Tracking = Tracking()
@@ -265,11 +290,20 @@ class Params(Section):
     study: Study = Study()
     tune: Tune = Tune()
 
+    @field_validator("data")
+    @classmethod
+    def _has_finetune(cls, data):
+        if "finetune" not in data:
+            raise ValueError("no finetune set: the pipeline fine-tunes and evaluates on data.finetune (path and "
+                             "layout)")
+        return data
+
     @model_validator(mode="after")
-    def _scratch_epochs_default(self):
-        if self.scratch.epochs is None:  # frozen: the resolved value is set once, here, and logged as such
-            object.__setattr__(self, "scratch", self.scratch.model_copy(update={"epochs": self.finetune.epochs}))
-            _check_warmup(self.scratch)
+    def _resolved(self):
+        baseline = self.scratch.finetune
+        if baseline.epochs is None:  # frozen: the resolved value is set once, here, and logged as such
+            baseline = _check_warmup(baseline.model_copy(update={"epochs": self.finetune.epochs}))
+            object.__setattr__(self, "scratch", self.scratch.model_copy(update={"finetune": baseline}))
         return self
 
     def flat(self) -> dict[str, Any]:
@@ -278,18 +312,22 @@ class Params(Section):
 
     def digest(self) -> str:
         """Stable hash of all knobs: the `params_hash` lineage tag."""
-        blob = json.dumps(self.model_dump(), sort_keys=True, default=str).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
+        return digest(self.model_dump(), length=16)
+
+    def training(self, stage: str, role: Role | None = None) -> Train:
+        """The knobs of a training stage: `finetune`, or `scratch` on the set `role`."""
+        return self.finetune if stage == "finetune" else getattr(self.scratch, role or "")
 
 
 # --- loading ---------------------------------------------------------------------------------------------------
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mappings as dotted keys: {"a": {"b": 1}} -> {"a.b": 1}; an empty mapping stays one value."""
     flat: dict[str, Any] = {}
     for key, value in tree.items():
         dotted = f"{prefix}{key}"
-        if isinstance(value, dict) and value and not dotted.endswith(".kwargs"):
+        if isinstance(value, dict) and value:
             flat.update(flatten(value, f"{dotted}."))
         else:
             flat[dotted] = value
@@ -300,9 +338,10 @@ def _known_keys(model: type[BaseModel] = Params, prefix: str = "") -> list[str]:
     keys = []
     for name, field in model.model_fields.items():
         keys.append(f"{prefix}{name}")
-        sub = field.annotation
-        if isinstance(sub, type) and issubclass(sub, BaseModel):
-            keys += _known_keys(sub, f"{prefix}{name}.")
+        for sub in (field.annotation, *get_args(field.annotation)):  # a section, or an optional one
+            if isinstance(sub, type) and issubclass(sub, BaseModel):
+                keys += _known_keys(sub, f"{prefix}{name}.")
+                break
     return keys
 
 
@@ -312,18 +351,26 @@ def _unknown_key_message(dotted: str, source: str) -> str:
     return f"{source}: unknown key '{dotted}'.{also} Known keys are listed in params.yaml."
 
 
-def apply_override(raw: dict[str, Any], override: str) -> None:
-    """Apply one `dotted.key=value` override in place; the value is parsed as YAML (`0.01`, `true`, `[1, 2]`)."""
+def parse_override(override: str) -> tuple[list[str], Any]:
+    """`dotted.key=value` -> (the key's parts, the value parsed as YAML: `0.01`, `true`, `[1, 2]`, `{a: 1}`)."""
     if "=" not in override:
         raise ParamsError(f"override '{override}' is not of the form key=value (e.g. finetune.lr=0.01)")
     dotted, text = override.split("=", 1)
-    *parents, leaf = dotted.strip().split(".")
+    try:
+        return dotted.strip().split("."), yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ParamsError(f"override '{override}': the value is not valid YAML ({err})") from None
+
+
+def apply_override(raw: dict[str, Any], override: str) -> None:
+    """Apply one `dotted.key=value` override in place (to a plain dict, or to ruamel's round-trip mapping)."""
+    (*parents, leaf), value = parse_override(override)
     node = raw
     for i, part in enumerate(parents):
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ParamsError(f"override '{override}': '{'.'.join(parents[: i + 1])}' is a value, not a section")
-    node[leaf] = yaml.safe_load(text)
+    node[leaf] = value
 
 
 def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | tuple[str, ...] = ()) -> Params:
@@ -359,5 +406,5 @@ def _explain(err: ValidationError, source: str) -> str:
         else:
             given = problem.get("input")
             got = "" if isinstance(given, dict) else f" (got {given!r})"  # a whole section says nothing more
-            lines.append(f"{source}: '{dotted}': {problem['msg']}{got}")
+            lines.append(f"{source}: '{dotted}': {problem['msg'].removeprefix('Value error, ')}{got}")
     return "\n".join(lines)

@@ -94,6 +94,19 @@ def init_distributed(backend: str | None = None) -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
+def pick_device(name: str) -> torch.device:
+    """A stage's `device` knob: 'auto' = CUDA when present (the local rank's GPU under torchrun), else the CPU."""
+    return init_distributed().device if name == "auto" else torch.device(name)
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use, as CUDA_VISIBLE_DEVICES names them (indices or UUIDs); [] on a CPU."""
+    count = torch.cuda.device_count()
+    if not count:
+        return []
+    return [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d] or [str(i) for i in range(count)]
+
+
 def cleanup() -> None:
     """Leave the process group (no-op in one process)."""
     if dist.is_available() and dist.is_initialized():

@@ -28,6 +28,8 @@ from tqdm import tqdm
 from action3d import distributed as dist
 from action3d.progress import show_bars
 from action3d.checkpoint import (
+    BEST,
+    LAST,
     CheckpointError,
     copy_checkpoint,
     make_checkpoint,
@@ -47,8 +49,6 @@ from action3d.metrics import (
 
 log = logging.getLogger(__name__)
 
-LAST_CHECKPOINT = "last.pt"
-BEST_CHECKPOINT = "best.pt"
 
 
 class NonFiniteLossError(Action3dError, FloatingPointError):
@@ -101,60 +101,6 @@ def prepare_model(
         # DDP outside compile, so that evaluation can run `.module` (compiled, no DDP collectives) on uneven shards
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     return model
-
-
-BF16_TOLERANCE = 0.05  # relative error of one layer's bf16 result against fp32: ~3e-3 when right, ~1 or inf when not
-
-
-def bf16_convolution_errors(model: nn.Module, clip: tuple[int, int, int, int], *, channels_last: bool = True,
-                            tolerance: float = BF16_TOLERANCE) -> dict[str, float]:
-    """The Conv3d layers of `model` whose bf16 kernels (CPU) stray from fp32 at the shapes a [1, *clip] input gives
-    them: layer name -> worst relative error of its output, input gradient or weight gradient (empty: all good).
-
-    Measured, not assumed: torch 2.14's oneDNN on an AVX512-BF16 CPU computes the bf16 weight gradient of a 3x3x3
-    convolution over a 2-frame-deep input wrongly (error ~1 or inf; ResNet's layer3 at 16 frames), while the
-    forward pass is right. Each distinct layer is checked once on random data, on the CPU, in fp32 vs bf16."""
-    shapes: dict[tuple, list[str]] = {}
-
-    def remember(name: str):
-        def hook(module: nn.Conv3d, inputs, _output) -> None:
-            key = (tuple(inputs[0].shape[1:]), tuple(module.weight.shape), module.stride, module.padding,
-                   module.dilation, module.groups)
-            shapes.setdefault(key, []).append(name)
-        return hook
-
-    convs = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Conv3d)]
-    hooks = [m.register_forward_hook(remember(name)) for name, m in convs]
-    was_training = model.training
-    try:
-        model.eval()  # no BatchNorm statistics move
-        with torch.no_grad():
-            model(torch.zeros(1, *clip, device=next(model.parameters()).device))
-    finally:
-        model.train(was_training)
-        for hook in hooks:
-            hook.remove()
-
-    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-        err = (a.float() - b).norm() / b.norm().clamp_min(1e-12)
-        return float(err) if torch.isfinite(err) else math.inf
-
-    gen, fmt = torch.Generator().manual_seed(0), torch.channels_last_3d if channels_last else torch.contiguous_format
-    wrong: dict[str, float] = {}
-    for (shape, wshape, stride, padding, dilation, groups), names in shapes.items():
-        x = torch.randn((1, *shape), generator=gen)
-        w = torch.randn(wshape, generator=gen) / math.prod(wshape[1:]) ** 0.5
-        args = (list(stride), list(padding), list(dilation), False, [0, 0, 0], groups, [True, True, False])
-        y = nn.functional.conv3d(x, w, None, stride, padding, dilation, groups)
-        g = torch.randn(y.shape, generator=gen)
-        gx, gw, _ = torch.ops.aten.convolution_backward(g, x, w, None, *args)
-        xb, wb, gb = (t.bfloat16().to(memory_format=fmt) for t in (x, w, g))
-        yb = nn.functional.conv3d(xb, wb, None, stride, padding, dilation, groups)
-        gxb, gwb, _ = torch.ops.aten.convolution_backward(gb, xb, wb, None, *args)
-        worst = max(rel(yb, y), rel(gxb, gx), rel(gwb, gw))
-        if not worst <= tolerance:
-            wrong.update({name: worst for name in names})
-    return wrong
 
 
 def _without_ddp(model: nn.Module) -> nn.Module:
@@ -487,7 +433,7 @@ def fit(
     device = torch.device(device)
     criterion = criterion or nn.CrossEntropyLoss()
     checkpoint_dir = Path(checkpoint_dir)
-    last_path, best_path = checkpoint_dir / LAST_CHECKPOINT, checkpoint_dir / BEST_CHECKPOINT
+    last_path, best_path = checkpoint_dir / LAST, checkpoint_dir / BEST
     if val_loader is None and monitor.startswith("val_"):
         raise ValueError(f"monitor '{monitor}' needs a val_loader; pass one or monitor a train_ metric")
     plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)

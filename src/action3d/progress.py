@@ -21,10 +21,6 @@ def set_quiet(quiet: bool = True) -> None:
     _quiet = bool(quiet)
 
 
-def is_quiet() -> bool:
-    return _quiet
-
-
 def _isatty(stream: TextIO | None) -> bool:
     try:
         return stream is not None and stream.isatty()

@@ -1,56 +1,32 @@
-"""S3 storage: one configuration for boto3, the DVC remote and MLflow; verified, resumable transfers.
+"""S3, and the only module that imports boto3: one configuration for boto3, the DVC remote and MLflow; single
+objects moved by boto3's transfer manager, with errors a person can act on.
+
+Datasets move with DVC (`dvc add` + `dvc push`, or `dvc import-url s3://...`): it hashes, caches and transfers
+them. This module moves single objects (checkpoint mirrors, a video a served model is allowed to read) with
+boto3's `upload_file` / `download_file`, which do multipart transfers, retries and concurrency.
 
 The configuration is the standard AWS one, read from the environment (``S3Config.from_env``; explicit
-arguments, e.g. from params, win):
+arguments, e.g. the `storage` section of params.yaml, win):
 
 - ``AWS_ENDPOINT_URL_S3``, else ``AWS_ENDPOINT_URL``: the S3 endpoint (unset: AWS itself);
 - ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``: credentials;
 - ``AWS_DEFAULT_REGION``, else ``AWS_REGION``: the region.
 
-Unset credentials fall back to boto3's own chain (``AWS_PROFILE``, ``~/.aws``, instance roles). The same
-configuration drives the DVC remote (``dvc_remote_commands``) and an MLflow server's S3 artifact store
-(``mlflow_env``), so an endpoint is written in one place.
-
-Transfers (``upload``, ``download``, ``sync_up``, ``sync_down``, ``mirror_checkpoint``):
-
-- only changed files move: a file is the same as an object when the sizes agree and the object's SHA-256,
-  stored by us in its metadata (``x-amz-meta-sha256``), matches. Objects written by other tools have no such
-  metadata; they are compared by MD5 when their ETag is a plain MD5 (single-part, not KMS-encrypted), else
-  by size and modification time, as ``aws s3 sync`` does.
-- every transfer is verified: parts carry Content-MD5 (the server rejects a corrupted part), uploads are
-  checked against the object's size and checksum afterwards, and downloads are hashed before they take their
-  final name; a mismatch raises ``StorageError`` and leaves no file behind.
-- large files go in parts (boto3's ``TransferConfig`` sets threshold, part size and threads) and resume:
-  an interrupted upload leaves its parts on the server (S3 keeps them until the upload is completed or
-  aborted; a bucket lifecycle rule can expire stale ones), and the next upload of the same key reuses every
-  part whose size and MD5 match the local file. An interrupted download leaves a hidden
-  ``.<name>.<etag-hash>.s3part`` file beside the target, which the next download continues with a ranged GET
-  (``If-Match`` the same ETag). A final path never holds a partial file: it is written by ``os.replace``.
-- an endpoint that is down, wrong credentials or a missing bucket raise one ``StorageError`` naming the
-  endpoint, the bucket and the variables to check. Transient errors are retried with backoff (botocore's
-  ``standard`` retry mode, ``max_attempts`` in all); the connect timeout is short so a dead endpoint fails
-  in seconds.
+Unset credentials fall back to boto3's own chain (``AWS_PROFILE``, ``~/.aws``, instance roles). An endpoint that
+is down, wrong credentials or a missing bucket raise one ``StorageError`` naming the endpoint, the bucket and the
+variables to check; the connect timeout is short, so a dead endpoint fails in seconds.
 """
 
 from __future__ import annotations
 
-import base64
-import glob
-import hashlib
-import math
 import os
-import random
 import re
-import threading
-import time
-from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Mapping, NamedTuple
 
 import boto3
-import urllib3.exceptions
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import (
@@ -58,29 +34,21 @@ from botocore.exceptions import (
     ClientError,
     ConnectionError as BotoConnectionError,
     HTTPClientError,
-    IncompleteReadError,
     NoCredentialsError,
     PartialCredentialsError,
 )
-from tqdm import tqdm
 
 from action3d.errors import Action3dError
 
-CHECKSUM_KEY = "sha256"  # our object metadata key: x-amz-meta-sha256 = hex SHA-256 of the content
-PART_SUFFIX = ".s3part"  # suffix of in-progress downloads; sync_up never uploads such files
-MAX_PARTS = 10_000  # S3's limit on parts per multipart upload
-MIN_PART_SIZE = 5 * 1024**2  # S3's minimum size of every part but the last
 ENDPOINT_VARS = "AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL"
 CREDENTIAL_VARS = "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN, or AWS_PROFILE)"
-DEFAULT_TRANSFER = TransferConfig(multipart_threshold=8 * 1024**2, multipart_chunksize=8 * 1024**2, max_concurrency=4)
+TRANSFER = TransferConfig(multipart_threshold=8 * 1024**2, multipart_chunksize=8 * 1024**2, max_concurrency=4)
 
 _BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]")
 _CREDENTIAL_CODES = {
     "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken", "TokenRefreshRequired",
     "InvalidClientTokenId", "AuthorizationHeaderMalformed", "AccessDenied", "AllAccessDisabled", "403",
 }
-# Errors while reading a response body; botocore retries requests, not the streaming of their bodies.
-_STREAM_ERRORS = (HTTPClientError, IncompleteReadError, urllib3.exceptions.HTTPError, ConnectionError)
 
 
 class StorageError(Action3dError):
@@ -178,6 +146,11 @@ class S3Config:
             **knobs,
         )
 
+    @classmethod
+    def from_params(cls, storage: Any) -> S3Config:
+        """From params.yaml's `storage` section (endpoint_url, region; null = the environment's)."""
+        return cls.from_env(endpoint_url=storage.endpoint_url, region=storage.region)
+
     def client(self):
         """A boto3 S3 client: bounded retries with backoff, short connect timeout, path-style on custom endpoints."""
         botocore_config = Config(
@@ -244,71 +217,14 @@ def mlflow_env(config: S3Config | None = None) -> dict[str, str]:
     return {name: value for name, value in pairs.items() if value}
 
 
-# ------------------------------------------------------------------------------------------ checksums
+# --------------------------------------------------------------------------------------- moving objects
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of a file's content, read in blocks."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+class Bucket:
+    """One bucket through one client: every botocore failure becomes a StorageError that can be acted on."""
 
-
-def file_md5(path: str | os.PathLike, offset: int = 0, length: int | None = None) -> str:
-    """Hex MD5 of ``length`` bytes of a file from ``offset`` (to the end when ``None``): an S3 part's ETag."""
-    digest = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as f:
-        f.seek(offset)
-        remaining = math.inf if length is None else length
-        while remaining > 0 and (block := f.read(int(min(remaining, 1 << 20)))):
-            digest.update(block)
-            remaining -= len(block)
-    return digest.hexdigest()
-
-
-def _object_checksum(head: Mapping[str, Any]) -> tuple[str, str] | None:
-    """``(algorithm, hexdigest)`` that an object's content must hash to, when the server tells us one."""
-    if digest := head.get("Metadata", {}).get(CHECKSUM_KEY):
-        return "sha256", digest
-    etag = head.get("ETag", "").strip('"')
-    # A plain-MD5 ETag: single-part upload without KMS/customer-key encryption (those ETags are opaque).
-    if re.fullmatch(r"[0-9a-f]{32}", etag) and head.get("ServerSideEncryption") in (None, "AES256") \
-            and "SSECustomerAlgorithm" not in head:
-        return "md5", etag
-    return None
-
-
-def _matches(path: Path, head: Mapping[str, Any], sha256: str | None = None) -> bool:
-    """Whether the local file at ``path`` has the object's content (see the module docstring)."""
-    if not path.is_file() or path.stat().st_size != head["ContentLength"]:
-        return False
-    expected = _object_checksum(head)
-    if expected is None:  # no checksum to compare: same size and the mtime we gave it on download
-        return int(path.stat().st_mtime) == int(head["LastModified"].timestamp())
-    algorithm, digest = expected
-    if algorithm == "sha256":
-        return (sha256 or file_sha256(path)) == digest
-    return file_md5(path) == digest
-
-
-# ------------------------------------------------------------------------------------ the bucket client
-
-
-@dataclass(frozen=True)
-class Transfer:
-    """What happened to one file. ``bytes_moved`` counts bytes sent or received now (0 when skipped)."""
-
-    uri: str
-    local_path: Path
-    size: int
-    bytes_moved: int
-    skipped: bool
-
-
-class _Bucket:
-    """One bucket through one client, turning every botocore failure into a StorageError that can be acted on."""
-
-    def __init__(self, config: S3Config, bucket: str):
-        self.config, self.name = config, bucket
+    def __init__(self, config: S3Config, name: str):
+        self.config, self.name = config, name
         self.client = config.client()
         self.endpoint = self.client.meta.endpoint_url
 
@@ -320,29 +236,6 @@ class _Bucket:
             return getattr(self.client, operation)(Bucket=self.name, **kwargs)
         except (BotoCoreError, ClientError) as err:
             raise self.error(err, operation, key) from err
-
-    def pages(self, operation: str, result_key: str, **kwargs: Any) -> Iterator[dict]:
-        """Every item of a paginated listing."""
-        try:
-            for page in self.client.get_paginator(operation).paginate(Bucket=self.name, **kwargs):
-                yield from page.get(result_key, [])
-        except (BotoCoreError, ClientError) as err:
-            raise self.error(err, operation, kwargs.get("Key")) from err
-
-    def check(self) -> None:
-        """Fail early, with the reason, when the endpoint, the credentials or the bucket are wrong."""
-        self.call("head_bucket")
-
-    def head(self, key: str) -> dict | None:
-        """The object's metadata, or None when there is no such object."""
-        try:
-            return self.client.head_object(Bucket=self.name, Key=key)
-        except ClientError as err:
-            if err.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                return None
-            raise self.error(err, "head_object", key) from err
-        except BotoCoreError as err:
-            raise self.error(err, "head_object", key) from err
 
     def uri(self, key: str) -> str:
         return str(S3Uri(self.name, key))
@@ -376,317 +269,70 @@ class _Bucket:
         return StorageError(text, endpoint=self.endpoint, bucket=self.name, key=key)
 
 
-class _Progress:
-    """A thread-safe byte counter over a tqdm bar (workers report from their threads)."""
 
-    def __init__(self, total: int, desc: str, enabled: bool):
-        self.bar = tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, disable=not enabled)
-        self.lock = threading.Lock()
-
-    def update(self, n: int) -> None:
-        with self.lock:
-            self.bar.update(n)
-
-    def close(self) -> None:
-        self.bar.close()
-
-
-def _backoff(attempt: int) -> float:
-    """Full-jitter exponential backoff, as botocore's standard mode: seconds before try ``attempt + 1``."""
-    return random.uniform(0, min(20.0, 2.0**attempt))
-
-
-def _run_parallel(tasks: list[Callable[[], Any]], workers: int) -> list[Any]:
-    """Run ``tasks`` on ``workers`` threads; the first failure cancels what has not started and is raised."""
-    if workers <= 1 or len(tasks) <= 1:
-        return [task() for task in tasks]
-    pool = ThreadPoolExecutor(max_workers=workers)
-    try:
-        futures = [pool.submit(task) for task in tasks]
-        wait(futures, return_when=FIRST_EXCEPTION)
-        for future in futures:  # in order, so the first failure by position is the one raised
-            if future.done() and future.exception() is not None:
-                raise future.exception()
-        return [future.result() for future in futures]
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
-# ------------------------------------------------------------------------------------------ uploading
-
-
-def _part_size(size: int, transfer: TransferConfig) -> int:
-    """Bytes per part: the configured size, grown so that no file needs more than S3's 10,000 parts."""
-    return max(int(transfer.multipart_chunksize), MIN_PART_SIZE, math.ceil(size / MAX_PARTS))
-
-
-def _read(path: Path, offset: int, length: int) -> bytes:
-    with open(path, "rb") as f:
-        f.seek(offset)
-        return f.read(length)
-
-
-def _md5_header(data: bytes) -> str:
-    return base64.b64encode(hashlib.md5(data, usedforsecurity=False).digest()).decode()
-
-
-def _put_multipart(b: _Bucket, path: Path, key: str, size: int, sha256: str, transfer: TransferConfig,
-                   progress: _Progress, workers: int, resume: bool = True) -> int:
-    """Upload ``path`` in parts, reusing matching parts of an unfinished upload of ``key``; bytes sent."""
-    part_size = _part_size(size, transfer)
-    layout = [(n, (n - 1) * part_size, min(part_size, size - (n - 1) * part_size))
-              for n in range(1, math.ceil(size / part_size) + 1)]  # (part number, offset, length)
-
-    done: dict[int, str] = {}  # part number -> ETag of parts already on the server with our bytes
-    upload_id = None
-    if resume:
-        unfinished = sorted((u for u in b.pages("list_multipart_uploads", "Uploads", Prefix=key) if u["Key"] == key),
-                            key=lambda u: u["Initiated"], reverse=True)
-        for upload in unfinished:
-            parts = {p["PartNumber"]: p for p in b.pages("list_parts", "Parts", Key=key, UploadId=upload["UploadId"])}
-            matching = {n: parts[n]["ETag"] for n, offset, length in layout
-                        if n in parts and parts[n]["Size"] == length
-                        and parts[n]["ETag"].strip('"') == file_md5(path, offset, length)}
-            if upload_id is None and matching:
-                upload_id, done = upload["UploadId"], matching
-            else:  # parts of another content, or a second stale upload: free the space they hold
-                b.call("abort_multipart_upload", key, UploadId=upload["UploadId"])
-    resumed = upload_id is not None
-    if not resumed:
-        upload_id = b.call("create_multipart_upload", key, Metadata={CHECKSUM_KEY: sha256})["UploadId"]
-    progress.update(sum(length for n, _, length in layout if n in done))
-
-    def send(number: int, offset: int, length: int) -> tuple[int, str]:
-        data = _read(path, offset, length)
-        response = b.call("upload_part", key, UploadId=upload_id, PartNumber=number, Body=data,
-                          ContentMD5=_md5_header(data))
-        progress.update(length)
-        return number, response["ETag"]
-
-    missing = [(n, o, length) for n, o, length in layout if n not in done]
-    done.update(_run_parallel([lambda p=p: send(*p) for p in missing], workers))
-    b.call("complete_multipart_upload", key, UploadId=upload_id,
-           MultipartUpload={"Parts": [{"PartNumber": n, "ETag": done[n]} for n in sorted(done)]})
-
-    if resumed and (b.head(key) or {}).get("Metadata", {}).get(CHECKSUM_KEY) != sha256:
-        # The resumed upload was started for an older version of the file whose first parts equal ours:
-        # the content is right but the checksum in its metadata is not. Rare; upload afresh.
-        progress.update(-size)
-        sent = sum(length for _, _, length in missing)
-        return sent + _put_multipart(b, path, key, size, sha256, transfer, progress, workers, resume=False)
-    return sum(length for _, _, length in missing)
-
-
-def _put(b: _Bucket, path: Path, key: str, transfer: TransferConfig, progress: _Progress, workers: int) -> Transfer:
-    """Upload one file unless the object already has its content; verify the object afterwards."""
-    size, sha256 = path.stat().st_size, file_sha256(path)
-    head = b.head(key)
-    if head is not None and _matches(path, head, sha256):
-        progress.update(size)
-        return Transfer(b.uri(key), path, size, 0, True)
-    if size < max(int(transfer.multipart_threshold), MIN_PART_SIZE):
-        data = path.read_bytes()
-        b.call("put_object", key, Body=data, ContentMD5=_md5_header(data), Metadata={CHECKSUM_KEY: sha256})
-        progress.update(size)
-        moved = size
-    else:
-        moved = _put_multipart(b, path, key, size, sha256, transfer, progress, workers)
-    head = b.head(key) or {}
-    if head.get("ContentLength") != size or head.get("Metadata", {}).get(CHECKSUM_KEY) != sha256:
-        raise StorageError(
-            f"After uploading {path} to {b.uri(key)} at S3 endpoint {b.endpoint}, the object does not match "
-            f"(size {head.get('ContentLength')} vs {size}, sha256 {head.get('Metadata', {}).get(CHECKSUM_KEY)} "
-            f"vs {sha256}); was the file modified during the upload? Run it again.",
-            endpoint=b.endpoint, bucket=b.name, key=key,
-        )
-    return Transfer(b.uri(key), path, size, moved, False)
-
-
-def upload(local_path: str | os.PathLike, uri: str, *, config: S3Config | None = None,
-           transfer: TransferConfig = DEFAULT_TRANSFER, progress: bool = True) -> Transfer:
-    """Upload one file to the object ``uri`` (``s3://bucket/key``); skipped when the object has its content.
-
-    Large files go in parts on ``transfer.max_concurrency`` threads and resume an interrupted upload.
-    """
-    path, target = Path(local_path), parse_s3_uri(uri)
-    if not path.is_file():
-        raise FileNotFoundError(f"cannot upload {path}: no such file")
-    if not target.key or target.key.endswith("/"):
-        raise ValueError(f"{uri!r} names no object: write s3://BUCKET/KEY (mirror_checkpoint accepts a folder)")
-    b = _Bucket(_resolve(config), target.bucket)
-    b.check()
-    bar = _Progress(path.stat().st_size, f"upload {path.name}", progress)
-    try:
-        return _put(b, path, target.key, transfer, bar, int(transfer.max_concurrency))
-    finally:
-        bar.close()
-
-
-# ---------------------------------------------------------------------------------------- downloading
-
-
-def _part_path(path: Path, etag: str) -> Path:
-    """The hidden in-progress file of a download of the object version ``etag`` to ``path``."""
-    tag = hashlib.sha256(etag.encode()).hexdigest()[:16]
-    return path.with_name(f".{path.name}.{tag}{PART_SUFFIX}")
-
-
-def _fetch(b: _Bucket, key: str, head: Mapping[str, Any], part: Path, progress: _Progress) -> int:
-    """Append the object's missing bytes to ``part`` with ranged GETs, retrying broken streams; bytes received."""
-    size, received, failures = head["ContentLength"], 0, 0
-    part.touch()
-    while (offset := part.stat().st_size) < size:
-        response = b.call("get_object", key, Range=f"bytes={offset}-", IfMatch=head["ETag"])
-        try:
-            with open(part, "ab") as f:
-                for chunk in response["Body"].iter_chunks(1 << 20):
-                    f.write(chunk)
-                    received += len(chunk)
-                    progress.update(len(chunk))
-        except _STREAM_ERRORS as err:
-            failures += 1
-            if failures >= b.config.max_attempts:
-                raise b.error(err, "get_object", key) from err
-            time.sleep(_backoff(failures))
-        if part.stat().st_size == offset:  # a response that ends without data must not loop forever
-            failures += 1
-            if failures >= b.config.max_attempts:
-                raise b.error(RuntimeError("the server returned no data"), "get_object", key)
-    return received
-
-
-def _get(b: _Bucket, key: str, path: Path, progress: _Progress, head: Mapping[str, Any] | None = None) -> Transfer:
-    """Download one object to ``path`` unless the file already has its content; resume, verify, then rename."""
-    head = head or b.head(key)
-    if head is None:
-        raise StorageError(f"No object {b.uri(key)} at S3 endpoint {b.endpoint}.",
-                           endpoint=b.endpoint, bucket=b.name, key=key)
-    size = head["ContentLength"]
-    if _matches(path, head):
-        progress.update(size)
-        return Transfer(b.uri(key), path, size, 0, True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    part = _part_path(path, head["ETag"])
-    for stale in path.parent.glob(f".{glob.escape(path.name)}.*{PART_SUFFIX}"):
-        if stale != part:  # left by a download of another version of the object
-            stale.unlink(missing_ok=True)
-    if part.exists() and part.stat().st_size > size:
-        part.unlink()
-    resumed = part.exists() and part.stat().st_size > 0
-    progress.update(part.stat().st_size if resumed else 0)
-    moved = _fetch(b, key, head, part, progress)
-
-    expected = _object_checksum(head)
-    if expected is not None:
-        algorithm, digest = expected
-        actual = file_sha256(part) if algorithm == "sha256" else file_md5(part)
-        if actual != digest:
-            part.unlink()
-            if resumed:  # the kept bytes may be the culprit: fetch everything once more
-                progress.update(-size)
-                return _get(b, key, path, progress, head)
-            raise StorageError(
-                f"Downloaded {b.uri(key)} from S3 endpoint {b.endpoint} but its {algorithm} is {actual}, not "
-                f"{digest} as recorded on the object; nothing was written to {path}. Run it again; if it "
-                "persists, the object is corrupt: upload it again.",
-                endpoint=b.endpoint, bucket=b.name, key=key,
-            )
-    modified = head["LastModified"].timestamp()
-    os.utime(part, (modified, modified))  # lets objects without a checksum be compared by size + mtime
-    os.replace(part, path)
-    return Transfer(b.uri(key), path, size, moved, False)
-
-
-def download(uri: str, local_path: str | os.PathLike, *, config: S3Config | None = None,
-             progress: bool = True) -> Transfer:
-    """Download the object ``uri`` to ``local_path``; skipped when the file already has its content.
-
-    Continues an interrupted download of the same object version; verifies the checksum before renaming.
-    """
-    source, path = parse_s3_uri(uri), Path(local_path)
-    if not source.key or source.key.endswith("/"):
-        raise ValueError(f"{uri!r} names no object: write s3://BUCKET/KEY (sync_down takes a prefix)")
-    b = _Bucket(_resolve(config), source.bucket)
-    b.check()
-    head = b.head(source.key)
-    bar = _Progress(head["ContentLength"] if head else 0, f"download {path.name}", progress)
-    try:
-        return _get(b, source.key, path, bar, head)
-    finally:
-        bar.close()
-
-
-# ------------------------------------------------------------------------------------------- syncing
-
-
-def _local_files(root: Path) -> list[tuple[str, Path]]:
-    """``(relative POSIX path, path)`` of every file below ``root``, sorted, in-progress downloads excluded."""
-    return sorted((p.relative_to(root).as_posix(), p) for p in root.rglob("*")
-                  if p.is_file() and not p.name.endswith(PART_SUFFIX))
-
-
-def sync_up(local_dir: str | os.PathLike, uri_prefix: str, *, config: S3Config | None = None,
-            transfer: TransferConfig = DEFAULT_TRANSFER, progress: bool = True) -> list[Transfer]:
-    """Upload every file below ``local_dir`` to ``uri_prefix``/<relative path>; unchanged files stay put.
-
-    Files move on ``transfer.max_concurrency`` threads (one file per thread). Objects with no local file are
-    left alone. Returns one Transfer per local file, in path order.
-    """
-    root, prefix = Path(local_dir), parse_s3_uri(uri_prefix)
-    if not root.is_dir():
-        raise NotADirectoryError(f"cannot push {root}: not a directory")
-    files = _local_files(root)
-    b = _Bucket(_resolve(config), prefix.bucket)
-    b.check()
-    bar = _Progress(sum(p.stat().st_size for _, p in files), f"push {root.name or root}", progress)
-    try:
-        tasks = [lambda r=r, p=p: _put(b, p, prefix.child(r).key, transfer, bar, 1) for r, p in files]
-        return _run_parallel(tasks, int(transfer.max_concurrency))
-    finally:
-        bar.close()
-
-
-def sync_down(uri_prefix: str, local_dir: str | os.PathLike, *, config: S3Config | None = None,
-              transfer: TransferConfig = DEFAULT_TRANSFER, progress: bool = True) -> list[Transfer]:
-    """Download every object below ``uri_prefix`` into ``local_dir``/<relative key>; unchanged files stay put.
-
-    Local files with no object are left alone. Returns one Transfer per object, in key order.
-    """
-    prefix, root = parse_s3_uri(uri_prefix), Path(local_dir)
-    folder = prefix.key.rstrip("/") + "/" if prefix.key.rstrip("/") else ""
-    b = _Bucket(_resolve(config), prefix.bucket)
-    b.check()
-    objects = sorted((o["Key"], o["Size"]) for o in b.pages("list_objects_v2", "Contents", Prefix=folder)
-                     if not o["Key"].endswith("/"))
-    plan = []
-    for key, _ in objects:
-        relative = key[len(folder):]
-        target = (root / relative).resolve()
-        if ".." in relative.split("/") or not target.is_relative_to(root.resolve()):
-            raise StorageError(f"Object key {b.uri(key)} would be written outside {root}; rename it.",
-                               endpoint=b.endpoint, bucket=b.name, key=key)
-        plan.append((key, root / relative))
-    bar = _Progress(sum(size for _, size in objects), f"pull {prefix}", progress)
-    try:
-        return _run_parallel([lambda k=k, p=p: _get(b, k, p, bar) for k, p in plan], int(transfer.max_concurrency))
-    finally:
-        bar.close()
-
-
-def mirror_checkpoint(local_file: str | os.PathLike, uri: str, *, config: S3Config | None = None,
-                      progress: bool = False) -> str:
-    """Copy a checkpoint file to S3 and return the object's URI.
-
-    ``uri`` is an object (``s3://b/run7/last.pt``) or, when it ends with ``/`` or is a bare bucket, a folder
-    that receives the file under its own name. Unchanged checkpoints are not sent again.
-    """
-    path, target = Path(local_file), parse_s3_uri(uri)
-    if not target.key or target.key.endswith("/"):
-        target = target.child(path.name)
-    return upload(path, str(target), config=config, progress=progress).uri
+def _bucket(uri: str, config: S3Config | None) -> tuple[Bucket, str]:
+    target = parse_s3_uri(uri)
+    return Bucket(S3Config.from_env() if config is None else config, target.bucket), target.key
 
 
 def check_bucket(uri: str, *, config: S3Config | None = None) -> None:
     """Return when the bucket of ``uri`` answers; else a StorageError naming the endpoint, the bucket and the fix
     (server down, wrong credentials, no such bucket). For checks before long work starts."""
-    _Bucket(_resolve(config), parse_s3_uri(uri).bucket).check()
+    bucket, _ = _bucket(uri, config)
+    bucket.call("head_bucket")
+
+
+def upload(local_path: str | os.PathLike, uri: str, *, config: S3Config | None = None) -> str:
+    """Upload one file to the object ``uri`` (``s3://bucket/key``) with boto3's transfer manager; returns ``uri``."""
+    path = Path(local_path)
+    bucket, key = _bucket(uri, config)
+    if not key or key.endswith("/"):
+        raise ValueError(f"{uri!r} names no object: write s3://BUCKET/KEY")
+    if not path.is_file():
+        raise FileNotFoundError(f"cannot upload {path}: no such file")
+    try:
+        bucket.client.upload_file(str(path), bucket.name, key, Config=TRANSFER)
+    except (BotoCoreError, ClientError, boto3.exceptions.S3UploadFailedError) as err:
+        raise bucket.error(getattr(err, "__cause__", None) or err, "upload", key) from err
+    return uri
+
+
+class TooLarge(StorageError):
+    """An object larger than the caller allows; nothing was downloaded."""
+
+
+def download(uri: str, local_path: str | os.PathLike, *, config: S3Config | None = None,
+             max_bytes: int | None = None) -> Path:
+    """Download the object ``uri`` to ``local_path`` (a temporary name beside it, then a rename: never half a
+    file). With ``max_bytes``, a larger object raises TooLarge before any byte moves."""
+    path = Path(local_path)
+    bucket, key = _bucket(uri, config)
+    if not key or key.endswith("/"):
+        raise ValueError(f"{uri!r} names no object: write s3://BUCKET/KEY")
+    size = bucket.call("head_object", key)["ContentLength"]
+    if max_bytes is not None and size > max_bytes:
+        raise TooLarge(f"{bucket.uri(key)} is {size} bytes, over the limit of {max_bytes}",
+                       endpoint=bucket.endpoint, bucket=bucket.name, key=key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    os.close(fd)
+    try:
+        bucket.client.download_file(bucket.name, key, tmp, Config=TRANSFER)
+        os.replace(tmp, path)
+    except (BotoCoreError, ClientError) as err:
+        raise bucket.error(err, "download", key) from err
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return path
+
+
+def list_objects(uri: str, *, config: S3Config | None = None) -> dict[str, int]:
+    """Key -> size of every object under the prefix ``uri`` (a folder: ``s3://bucket/some/prefix/``)."""
+    bucket, prefix = _bucket(uri, config)
+    found: dict[str, int] = {}
+    try:
+        for page in bucket.client.get_paginator("list_objects_v2").paginate(Bucket=bucket.name, Prefix=prefix):
+            found.update({item["Key"]: item["Size"] for item in page.get("Contents", [])})
+    except (BotoCoreError, ClientError) as err:
+        raise bucket.error(err, "list_objects_v2", prefix) from err
+    return found

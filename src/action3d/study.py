@@ -12,9 +12,7 @@ accuracy, time; an entry that fails is a failed row, not a failed study.
 
 from __future__ import annotations
 
-import csv
 import json
-import os
 import re
 import shutil
 import time
@@ -22,6 +20,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from action3d.atomic import write_csv
 from action3d.config import Params, ParamsError, load_params
 from action3d.errors import Action3dError
 from action3d.workspace import Workspace
@@ -98,8 +97,10 @@ def entry_workspace(project: Workspace, study: str, entry: str) -> Workspace:
 
 def run_entry(project: Workspace, study: str, entry: str, params: Params, overrides: list[str],
               targets: list[str], *, gpu: str | None = None, tracking_uri: str | None = None,
-              run_tags: dict[str, str] | None = None) -> dict[str, Any]:
-    """Run one entry to its row. A failure is a row with status `failed` and the error's last line."""
+              study_run_id: str | None = None) -> dict[str, Any]:
+    """Run one entry to its row. A failure is a row with status `failed` and the error's last line. The entry's
+    MLflow runs are tagged with the study and nested under `study_run_id`: knobs of the entry's own params.yaml
+    (tracking.tags, tracking.parent_run), so its DVC experiment records them too."""
     row: dict[str, Any] = {"entry": entry, "model": params.model.name, **model_cost(params)}
     started = time.monotonic()
     try:
@@ -107,9 +108,9 @@ def run_entry(project: Workspace, study: str, entry: str, params: Params, overri
         ws.extra_env.update({"MLFLOW_TRACKING_URI": tracking_uri} if tracking_uri else {})
         if gpu is not None:
             ws.extra_env["CUDA_VISIBLE_DEVICES"] = gpu
-        if run_tags:  # the entry's MLflow runs: tagged with the study and nested under its run
-            ws.extra_env["ACTION3D_RUN_TAGS"] = json.dumps(run_tags)
-        ws.set_params(overrides)
+        tracking = [f"tracking.tags={json.dumps({'study': study, 'study_entry': entry})}",
+                    *([f"tracking.parent_run={study_run_id}"] if study_run_id else [])]
+        ws.set_params([*overrides, *tracking])
         pull = ws.remote() is not None
         stages = ws.stages(targets)
         for stage in stages:
@@ -138,7 +139,7 @@ def model_cost(params: Params) -> dict[str, float]:
     """Parameters (millions) and forward GFLOPs of one clip of the study's input size."""
     from action3d.models.summary import count_flops, count_params
 
-    kwargs = dict(n_classes=params.synth.finetune.classes, **params.model.kwargs)
+    kwargs = dict(n_classes=2, **params.model.kwargs)  # the head's size barely counts; the table compares trunks
     clip = (params.clip.frames, params.clip.crop_size, params.clip.crop_size)
     try:
         return {"params_m": round(count_params(params.model.name, **kwargs) / 1e6, 3),
@@ -147,15 +148,8 @@ def model_cost(params: Params) -> dict[str, float]:
         return {}
 
 
-def write_csv(rows: list[dict[str, Any]], path: Path) -> Path:
-    from action3d.atomic import write_atomic_text
-    import io
-
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
-    return write_atomic_text(path, buffer.getvalue())
+def write_table(rows: list[dict[str, Any]], path: Path) -> Path:
+    return write_csv(path, COLUMNS, [[row.get(key, "") for key in COLUMNS] for row in rows])
 
 
 def markdown_table(study: str, rows: list[dict[str, Any]]) -> str:
@@ -179,14 +173,3 @@ def markdown_table(study: str, rows: list[dict[str, Any]]) -> str:
             values[2] = f"failed: {row.get('error', '')}"
         lines.append("| " + " | ".join(values) + " |")
     return "\n".join(lines) + "\n"
-
-
-def environment_gpus() -> list[str] | None:
-    """The GPUs this process may use, as CUDA_VISIBLE_DEVICES names them (indices or GPU UUIDs), or None on CPU."""
-    import torch
-
-    count = torch.cuda.device_count()
-    if not count:
-        return None
-    visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d]
-    return visible or [str(i) for i in range(count)]

@@ -4,10 +4,10 @@
     action3d tune --n-workers 2            # two processes on one study (a journal file is safe for that)
     action3d tune --apply                  # write the best trial's knobs into params.yaml (the diff is shown)
 
-The target stage (`tune.target`: finetune, scratch or pretrain) runs exactly as `dvc repro` runs it: its command
-line is read from dvc.yaml, its inputs are the pipeline's (run `dvc repro <target>` first), and it writes into
-runs/tune/<study>/trial-<n>/ instead of its own folder. Every epoch reports `tune.metric` to the
-pruner, which may stop the trial; the trial's value is its best epoch.
+The target stage (`tune.target`: finetune, scratch@finetune or scratch@pretrain) runs as `dvc repro` runs it: its
+own function, on the pipeline's inputs (`stages.training_inputs`; run `dvc repro <target>` first), writing into
+runs/tune/<study>/trial-<n>/ instead of its own folder. Every epoch reports `tune.metric` to the pruner, which may
+stop the trial; the trial's value is its best epoch.
 
 Storage: a journal file (runs/tune/<study>.journal) by default, safe for several processes on one machine; any
 RDB URL (PostgreSQL) for many machines. A trial whose worker died (its process is gone, or its heartbeat silent
@@ -17,6 +17,9 @@ checkpoint.
 MLflow: the study is a parent run (`tune-<study>`); each trial is the stage's own run, nested under it, with its
 knobs, per-epoch metrics and tags trial / trial_state (COMPLETE, PRUNED, FAIL); the parent gets the best knobs,
 the optimisation history and the parameter importances as PNG files.
+
+Until `tune.startup_trials` trials have finished, TPE samples at random and the median pruner prunes nothing: a
+study of that many trials or fewer is a random search without pruning (`action3d tune` says so when it starts).
 
 This module alone imports optuna.
 """
@@ -41,9 +44,13 @@ import optuna
 import yaml
 from optuna.trial import TrialState
 
+from action3d.atomic import write_atomic_text
 from action3d.config import Params, load_params
+from action3d.distributed import visible_gpus
 from action3d.errors import Action3dError
 from action3d.progress import say
+from action3d.project import shareable_uri, tracking_uri
+from action3d.stages import STAGES, RunContext, training_inputs
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own lines say what each trial did
@@ -102,15 +109,9 @@ def storage(s: Setup):
     try:
         return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
     except Exception as err:  # noqa: BLE001 - sqlalchemy's many connection errors: one message
-        shown = _masked(url)
+        shown = shareable_uri(url)
         raise TuneError(f"cannot open the Optuna storage {shown}: {str(err).splitlines()[0]}. Check that the "
                         "database server is up and the URL (tune.storage) is right") from None
-
-
-def _masked(url: str) -> str:
-    from action3d.stages.common import shareable_uri
-
-    return shareable_uri(url)
 
 
 def sampler(s: Setup, worker: int = 0, trials: int = 0) -> optuna.samplers.BaseSampler:
@@ -131,7 +132,8 @@ def pruner(s: Setup) -> optuna.pruners.BasePruner:
 
 
 def _epochs(s: Setup) -> int:
-    return getattr(s.params, s.tune.target).epochs
+    stage, _, role = s.tune.target.partition("@")
+    return s.params.training(stage, role).epochs
 
 
 def open_study(s: Setup, worker: int = 0) -> optuna.Study:
@@ -144,12 +146,12 @@ def open_study(s: Setup, worker: int = 0) -> optuna.Study:
                                     pruner=pruner(s),
                                     direction=s.tune.direction, load_if_exists=True)
     except ValueError as err:
-        raise TuneError(f"Optuna study {s.study_name!r} in {_masked(s.storage_url)}: {err}. Name another study "
+        raise TuneError(f"Optuna study {s.study_name!r} in {shareable_uri(s.storage_url)}: {err}. Name another study "
                         "(tune.study) or use the direction it was made with") from None
     wanted = optuna.study.StudyDirection.MAXIMIZE if s.tune.direction == "maximize" else (
         optuna.study.StudyDirection.MINIMIZE)
     if study.direction != wanted:
-        raise TuneError(f"Optuna study {s.study_name!r} in {_masked(s.storage_url)} exists and is set to "
+        raise TuneError(f"Optuna study {s.study_name!r} in {shareable_uri(s.storage_url)} exists and is set to "
                         f"{study.direction.name.lower()}, not {s.tune.direction}: name another study (tune.study) "
                         "or set tune.direction to match")
     return study
@@ -176,50 +178,20 @@ def _yaml_value(value: Any) -> str:
 # ------------------------------------------------------------------------------------- the target stage
 
 
-def _stage_spec(s: Setup) -> dict:
-    spec = yaml.safe_load((s.root / "dvc.yaml").read_text())["stages"].get(s.tune.target)
-    if not spec or "cmd" not in spec:
-        raise TuneError(f"dvc.yaml has no stage {s.tune.target!r} with a cmd; tune.target must be a training stage")
-    return spec
-
-
-def stage_argv(s: Setup) -> list[str]:
-    """The target stage's command line from dvc.yaml (without `action3d`), so a trial runs what DVC runs."""
-    spec = _stage_spec(s)
-    argv = shlex.split(spec["cmd"] if isinstance(spec["cmd"], str) else " ".join(spec["cmd"]))
-    if argv[:2] != ["action3d", "stage"]:
-        raise TuneError(f"dvc.yaml's stage {s.tune.target!r} does not run `action3d stage ...`: {spec['cmd']}")
-    missing = [d for d in spec.get("deps", []) if not d.startswith("src/") and not (s.root / d).exists()]
-    if missing:
-        raise TuneError(f"tuning {s.tune.target} needs its inputs ({', '.join(missing)} missing): run "
-                        f"`dvc repro {s.tune.target}` first")
-    return argv[1:]
-
-
-def run_stage(s: Setup, overrides: list[str], out_dir: Path) -> dict:
-    """The target stage's function on its dvc.yaml inputs with `overrides`, writing into `out_dir`."""
-    from action3d.cli import build_parser
-
-    args = build_parser().parse_args([*stage_argv(s), "--params", str(s.params_path),
-                                      *[a for o in [*s.overrides, *overrides] for a in ("-S", o)]])
-    args.out = str(out_dir)
-    cwd = os.getcwd()
-    os.chdir(s.root)  # dvc.yaml's paths are relative to the project
-    try:
-        return args.func(args)
-    finally:
-        os.chdir(cwd)
+def run_stage(s: Setup, params: Params, ctx: RunContext, out_dir: Path) -> dict:
+    """The target stage's own function on the pipeline's inputs, with `params`, writing into `out_dir`."""
+    stage = STAGES[s.tune.target.partition("@")[0]]
+    inputs = {k: v if k == "role" else s.root / v for k, v in training_inputs(s.tune.target, params).items()}
+    return stage.run(params, ctx=ctx, out=out_dir, **inputs)
 
 
 # ------------------------------------------------------------------------------------------------ trials
 
 
 def objective(s: Setup, parent_run_id: str | None):
-    from action3d.stages.training import StageHooks, stage_hooks
-
     def run_trial(trial: optuna.Trial) -> float:
         overrides = suggest(trial, s)
-        load_params(s.params_path, [*s.overrides, *overrides])  # a bad combination fails the trial, clearly
+        params = load_params(s.params_path, [*s.overrides, *overrides])  # a bad combination fails the trial, clearly
         # a trial's own folder; a re-queued trial takes over the folder (and checkpoint) of the one it retries
         folder = trial.user_attrs.get("folder") or f"trial-{trial.number}"
         trial.set_user_attr("folder", folder)
@@ -236,24 +208,23 @@ def objective(s: Setup, parent_run_id: str | None):
             if trial.should_prune():
                 raise optuna.TrialPruned(f"{s.tune.metric} {metrics[s.tune.metric]:.4g} at epoch {epoch}")
 
-        tags = {"study": s.study_name, "trial": trial.number, **({"mlflow.parentRunId": parent_run_id}
-                                                                 if parent_run_id else {})}
-        hooks = StageHooks(tags=tags, on_epoch=report)
+        ctx = RunContext(tags={**params.tracking.tags, "study": s.study_name, "trial": str(trial.number)},
+                         parent_run_id=parent_run_id, on_epoch=report)
         say(f"[tune] trial {trial.number}: {' '.join(overrides)}")
         try:
-            with stage_hooks(hooks), _heartbeat(trial, s.tune.grace_period):
-                run_stage(s, overrides, s.out_dir / folder)
+            with _heartbeat(trial, s.tune.grace_period):
+                run_stage(s, params, ctx, s.out_dir / folder)
         except optuna.TrialPruned:
-            _trial_state(hooks.run_id, "PRUNED")
+            _trial_state(ctx.run_id, "PRUNED")
             raise
         except Exception:
-            _trial_state(hooks.run_id, "FAIL")
+            _trial_state(ctx.run_id, "FAIL")
             raise
-        _trial_state(hooks.run_id, "COMPLETE")
+        _trial_state(ctx.run_id, "COMPLETE")
         # the trial's value: its best epoch (a resumed trial reports only the epochs it trained; the stage's
         # history has them all)
         history = {int(row.get("epoch", i + 1)): float(row[s.tune.metric])
-                   for i, row in enumerate(hooks.history) if s.tune.metric in row}
+                   for i, row in enumerate(ctx.history) if s.tune.metric in row}
         for epoch, value in history.items():  # epochs a resumed trial did not train here: on the record too
             if epoch not in reported:
                 trial.report(value, epoch)
@@ -291,8 +262,7 @@ def _heartbeat(trial: optuna.Trial, grace_period: float):
 
 def _trial_state(run_id: str | None, state: str) -> None:
     if run_id:
-        from action3d.stages.common import tracking_uri
-        from action3d.tracking import tag_run
+        from action3d.tracking.runs import tag_run
 
         tag_run(run_id, {"trial_state": state}, tracking_uri=tracking_uri(),
                 status={"PRUNED": "KILLED", "FAIL": "FAILED"}.get(state))
@@ -378,32 +348,48 @@ def preflight(s: Setup) -> None:
     if s.tune.metric not in EPOCH_METRICS:
         raise TuneError(f"tune.metric {s.tune.metric!r} is not reported by the training stages after each epoch: "
                         f"choose one of {', '.join(EPOCH_METRICS)}")
-    depends = _stage_spec(s).get("params", [])
+    stage, _, role = s.tune.target.partition("@")
+    reads = [section.format(role=role) for section in STAGES[stage].reads]
     for key, dist in s.tune.space.items():
-        if not any(key == p or key.startswith(f"{p}.") for p in depends):
-            raise TuneError(f"tune.space key {key!r} does not change the {s.tune.target} stage (dvc.yaml lists its "
-                            f"params: {', '.join(depends)}): search its own knobs, or set tune.target")
+        if not any(key == p or key.startswith(f"{p}.") for p in reads):
+            raise TuneError(f"tune.space key {key!r} does not change {s.tune.target} (it reads {', '.join(reads)}): "
+                            "search its own knobs, or set tune.target")
         for choice in dist.choices or []:
             try:
                 load_params(s.params_path, [*s.overrides, f"{key}={_yaml_value(choice)}"])
             except Action3dError as err:
                 raise TuneError(f"tune.space {key!r}: the choice {choice!r} is not a valid value: {err}") from None
-    stage_argv(s)
+    missing = [str(s.root / v) for k, v in training_inputs(s.tune.target, s.params).items()
+               if k != "role" and not (s.root / v).exists()]
+    if missing:
+        raise TuneError(f"tuning {s.tune.target} needs its inputs ({', '.join(missing)} missing): run "
+                        f"`dvc repro {s.tune.target}` first")
+    if s.tune.trials <= s.tune.startup_trials and s.tune.pruner != "none":
+        say(f"[tune] note: tune.trials ({s.tune.trials}) <= tune.startup_trials ({s.tune.startup_trials}): every trial "
+            "is a startup trial, sampled at random and never pruned. Raise tune.trials or lower tune.startup_trials "
+            "for TPE and pruning to act")
     open_study(s)
 
 
 @contextlib.contextmanager
 def parent_run(s: Setup):
-    """The study's MLflow run: tuning knobs and space as params; trials nest under it."""
-    from action3d.stages.common import tracking_uri
-    from action3d.tracking import start_stage_run
+    """The study's MLflow run, made before its trials so that they nest under it: tuning knobs and space as params;
+    it ends FINISHED, or FAILED when the block raises."""
+    from action3d.tracking.runs import create_parent_run, finish_run
 
     knobs = {f"tune.{k}": v for k, v in s.tune.model_dump().items() if k != "space"}
-    with start_stage_run(f"tune-{s.study_name}", experiment=s.params.tracking.experiment, tracking_uri=tracking_uri(),
-                         params=knobs, tags={"study": s.study_name, "storage": _masked(s.storage_url),
-                                             "target": s.tune.target}, repo_dir=s.root) as parent:
-        parent.log_params({f"space.{k}": v.model_dump(exclude_none=True) for k, v in s.tune.space.items()})
+    space = {f"space.{k}.{field}": value for k, v in s.tune.space.items()
+             for field, value in v.model_dump(exclude_none=True).items()}
+    parent = create_parent_run(f"tune-{s.study_name}", experiment=s.params.tracking.experiment,
+                               tracking_uri=tracking_uri(s.root), params={**knobs, **space}, repo_dir=s.root,
+                               tags={"stage": "tune", "study": s.study_name, "target": s.tune.target,
+                                     "storage": shareable_uri(s.storage_url)})
+    try:
         yield parent
+    except BaseException:
+        finish_run(parent, failed=True)
+        raise
+    finish_run(parent)
 
 
 def tune(params_path: str | Path = "params.yaml", overrides: list[str] | tuple[str, ...] = (), *, n_workers: int = 1,
@@ -412,7 +398,8 @@ def tune(params_path: str | Path = "params.yaml", overrides: list[str] | tuple[s
     s = setup(params_path, overrides)
     preflight(s)
     with parent_run(s) as parent:
-        helpers = [_spawn_worker(s, parent.run_id, i) for i in range(1, n_workers)]
+        helpers = [subprocess.Popen([sys.executable, "-m", "action3d.cli", *worker_argv(s, i, parent.run_id)],
+                                    cwd=s.root, env={**os.environ, **worker_gpu_env(i)}) for i in range(1, n_workers)]
         try:
             work(s, parent.run_id)
         finally:
@@ -423,22 +410,27 @@ def tune(params_path: str | Path = "params.yaml", overrides: list[str] | tuple[s
         return summarise(s, parent, apply=apply)
 
 
-def _spawn_worker(s: Setup, parent_run_id: str, index: int) -> subprocess.Popen:
-    argv = [sys.executable, "-m", "action3d.cli", "tune", "--params", str(s.params_path), "--worker", str(index),
-            "--parent-run", parent_run_id, *[a for o in s.overrides for a in ("-S", o)]]
-    return subprocess.Popen(argv, cwd=s.root, env={**os.environ, **worker_gpu_env(index)})
+def worker_argv(s: Setup, index: int, parent_run_id: str | None) -> list[str]:
+    """The `action3d` arguments of tuning worker `index` on this study (its trials nest under `parent_run_id`)."""
+    return ["tune", "--params", str(s.params_path), "--worker", str(index),
+            *(["--parent-run", parent_run_id] if parent_run_id else []), *[a for o in s.overrides for a in ("-S", o)]]
 
 
 def worker_gpu_env(index: int) -> dict[str, str]:
     """CUDA_VISIBLE_DEVICES for tuning worker `index`: one GPU each, round robin ({} on CPU)."""
-    import torch
+    gpus = visible_gpus()
+    return {"CUDA_VISIBLE_DEVICES": gpus[index % len(gpus)]} if gpus else {}
 
-    count = torch.cuda.device_count()
-    if not count:
-        return {}
-    visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d] or [str(i) for i in
-                                                                                           range(count)]
-    return {"CUDA_VISIBLE_DEVICES": visible[index % len(visible)]}
+
+def dashboard(s: Setup, *, port: int) -> int:
+    """optuna-dashboard on this study's storage (the one tune.storage and tune.study, overrides included, name)."""
+    url = s.storage_url
+    if "://" not in url and not Path(url).is_file():
+        raise TuneError(f"no study {s.study_name!r} yet: its journal {url} does not exist. Run `action3d tune` with "
+                        "the same overrides first")
+    say(f"optuna-dashboard on {shareable_uri(url)} (study {s.study_name}): http://127.0.0.1:{port}")
+    executable = Path(sys.executable).parent / "optuna-dashboard"
+    return subprocess.run([str(executable), "--host", "127.0.0.1", "--port", str(port), url]).returncode
 
 
 def summarise(s: Setup, parent, *, apply: bool) -> dict:
@@ -457,8 +449,6 @@ def summarise(s: Setup, parent, *, apply: bool) -> dict:
     s.out_dir.mkdir(parents=True, exist_ok=True)
     command = "dvc exp run " + " ".join(f"-S {shlex.quote(o)}" for o in overrides)
     best_file = s.out_dir / "best.yaml"
-    from action3d.atomic import write_atomic_text
-
     write_atomic_text(best_file, yaml.safe_dump({"study": s.study_name, "trial": best.number,
                                                  s.tune.metric: best.value, "overrides": overrides,
                                                  "dvc_exp_run": command}, sort_keys=False))
@@ -479,7 +469,6 @@ def summarise(s: Setup, parent, *, apply: bool) -> dict:
 
 def apply_best(s: Setup, overrides: list[str]) -> str:
     """Show the diff `overrides` make to params.yaml, then write them (comments kept); returns the diff."""
-    from action3d.atomic import write_atomic_text
     from action3d.workspace import Workspace
 
     before, after = s.params_path.read_text(), Workspace(s.root).render_params(overrides)

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from action3d.atomic import write_atomic_text
-from action3d.config import ParamsError, load_params
+from action3d.config import ParamsError, apply_override, flatten, load_params
 from action3d.errors import Action3dError
 
 RAN = re.compile(r"Running stage '([^']+)'")
@@ -138,12 +138,7 @@ class Workspace:
         yaml.representer.add_representer(ScalarFloat, _exact_float)
         data = yaml.load(path.read_text())
         for override in overrides:
-            dotted, text = override.split("=", 1)
-            *parents, leaf = dotted.strip().split(".")
-            node = data
-            for part in parents:
-                node = node.setdefault(part, {})
-            node[leaf] = YAML(typ="safe").load(text)
+            apply_override(data, override)
         buffer = io.StringIO()
         yaml.dump(data, buffer)
         return buffer.getvalue()
@@ -181,17 +176,9 @@ class Workspace:
         """`dvc metrics show`: the workspace's metrics as flat dotted keys (`finetune.video_top1`)."""
         shown = json.loads(self.run("dvc", "metrics", "show", "--json").stdout or "{}")
         flat: dict[str, float] = {}
-
-        def walk(node, prefix: str) -> None:
-            if isinstance(node, dict):
-                for key, value in node.items():
-                    walk(value, f"{prefix}.{key}" if prefix else key)
-            else:
-                flat[prefix] = node
-
         for revision in shown.values():  # one: the workspace ("" or "workspace", by DVC version)
             for files in revision.get("data", {}).values():
-                walk(files.get("data", {}), "")
+                flat.update(flatten(files.get("data", {})))
         return flat
 
     # ------------------------------------------------------------------------------------------ DVC remote

@@ -5,11 +5,10 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from action3d.data.synthetic import synth_hmdb51, synth_kinetics, synth_ucf101
-from action3d.data.video import write_video
+from tests.helpers import write_video
 
 TINY = dict(width=64, height=48, fps=25, seconds=1.2, workers=1, progress=False)  # 30 frames per video
 
@@ -53,11 +52,4 @@ def copy_of(tmp_path):
 @pytest.fixture
 def tiny_video():
     """tiny_video(path, frames=30) writes a real 64x48 H.264 file of a drifting noise pattern."""
-
-    def make(path: Path, frames: int = 30, *, width: int = 64, height: int = 48, seed: int = 0) -> Path:
-        rng = np.random.default_rng(seed)
-        base = rng.integers(0, 255, (height, width, 3), dtype=np.uint8)
-        write_video(path, (np.roll(base, 2 * t, axis=1) for t in range(frames)), fps=25)
-        return path
-
-    return make
+    return write_video

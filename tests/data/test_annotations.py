@@ -17,6 +17,9 @@ from action3d.data.annotations import (
 )
 from action3d.data.synthetic import FINETUNE_CLASSES
 
+pytestmark = pytest.mark.slow  # real videos, encoded by the session fixtures
+
+
 FAST = dict(workers=1, progress=False)
 
 

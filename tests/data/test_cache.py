@@ -8,6 +8,7 @@ import torch
 
 from action3d.data.annotations import build_manifests
 from action3d.data.cache import (
+
     CacheError,
     FramePack,
     build_cache,
@@ -16,6 +17,8 @@ from action3d.data.cache import (
     read_index,
     scaled_size,
 )
+
+pytestmark = pytest.mark.slow  # real videos, encoded by the session fixtures
 
 FAST = dict(workers=1, progress=False)
 

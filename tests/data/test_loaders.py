@@ -17,6 +17,9 @@ from action3d.data.loaders import PackedVideo, clip_indices, make_eval_loader, m
 from action3d.data.transforms import KINETICS_MEAN, KINETICS_STD
 from action3d.data.video import write_video
 
+pytestmark = pytest.mark.slow  # real videos, encoded by the session fixtures
+
+
 FAST = dict(workers=1, progress=False)
 CLIP = dict(clip_frames=8, crop_size=16)
 

@@ -23,6 +23,9 @@ from action3d.data.synthetic import (
 )
 from action3d.data.video import probe_video, read_frames
 
+pytestmark = pytest.mark.slow  # real videos, encoded by the session fixtures
+
+
 TINY = dict(width=64, height=48, fps=25, seconds=1.2, workers=1, progress=False)
 
 

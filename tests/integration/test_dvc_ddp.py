@@ -1,4 +1,4 @@
-"""`dvc repro` with `pretrain.nproc: 2`: the unchanged dvc.yaml trains the stage as two DDP ranks (gloo on the CPU)
+"""`dvc repro` with `scratch.pretrain.nproc: 2`: the unchanged dvc.yaml trains the stage as two DDP ranks (gloo on the CPU)
 under torchrun, and the stage's outputs and result line come once, from rank 0."""
 
 from __future__ import annotations
@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.test_dvc_pipeline import _ran, _run, _set_param
-from tests.pipeline.conftest import make_project_repo
+from tests.helpers import make_project_repo, ran, run
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -34,36 +33,37 @@ def _result_lines(output: str) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def ddp_repro(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
-    """The tiny repository with `pretrain.nproc: 2`, after `dvc repro pretrain`."""
-    repo = make_project_repo(tmp_path_factory.mktemp("ddp") / "repo")
-    _set_param(repo, "pretrain.nproc", 2)
+    """The tiny repository with `scratch.pretrain.nproc: 2`, after `dvc repro scratch@pretrain`."""
     # 9 training videos in 2 shards of 5 (padded): batches of 2, each shard's last clip dropped, since a batch of
     # one clip is one BatchNorm cannot train on (the loader drops a partial batch whenever a full one remains).
-    _set_param(repo, "pretrain.batch_size", 2)
-    return repo, _run(repo, "dvc", "repro", "pretrain")
+    repo = make_project_repo(tmp_path_factory.mktemp("ddp") / "repo", ["scratch.pretrain.nproc=2",
+                                                                      "scratch.pretrain.batch_size=2"])
+    return repo, run(repo, "dvc", "repro", "scratch@pretrain")
 
 
 def test_repro_trains_pretrain_on_two_ranks(ddp_repro):
     from mlflow import MlflowClient
 
     repo, done = ddp_repro
-    assert "pretrain" in _ran(done.stdout)
+    assert "scratch@pretrain" in ran(done.stdout)
 
     [result] = _result_lines(done.stdout)  # rank 0 alone prints it
     assert result["epochs"] == 2 and result["epochs_resumed"] == 0
-    assert (repo / "runs/pretrain/model.pt").is_file()
-    run_id = json.loads((repo / "runs/pretrain/run.json").read_text())["run_id"]
-    run = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}").get_run(run_id)
-    assert run.data.tags["world_size"] == "2"
-    assert run.data.params["pretrain.nproc"] == "2"
-    assert len([line for line in done.stdout.splitlines() if line.startswith("[pretrain] epoch")]) == 2  # rank 0's
+    assert (repo / "runs/scratch/pretrain/model.pt").is_file()
+    run_id = json.loads((repo / "runs/scratch/pretrain/run.json").read_text())["run_id"]
+    logged = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}").get_run(run_id)
+    assert logged.data.tags["world_size"] == "2"
+    assert logged.data.params["scratch.pretrain.nproc"] == "2"
+    epochs = [line for line in done.stdout.splitlines() if line.startswith("[scratch@pretrain] epoch")]
+    assert len(epochs) == 2  # rank 0's alone
 
 
 def test_sigterm_stops_every_rank(ddp_repro):
     """A stopped `dvc repro` (or a cancelled flow) sends SIGTERM to the stage's command: it reaches the ranks."""
     repo, _ = ddp_repro
-    command = [sys.executable, "-m", "action3d.cli", "stage", "pretrain", "-S", "pretrain.epochs=50",
-               "--manifests", "data/splits/pretrain", "--cache", "data/cache/pretrain", "--out", "runs/stopped"]
+    command = [sys.executable, "-m", "action3d.cli", "stage", "scratch", "--role", "pretrain", "-S",
+               "scratch.pretrain.epochs=50", "--manifests", "data/splits/pretrain", "--cache", "data/cache/pretrain",
+               "--out", "runs/stopped"]
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
     env.pop("MLFLOW_TRACKING_URI", None)
     # its own session: torchrun and the ranks share its process group, whose survivors the test can then find
@@ -71,7 +71,7 @@ def test_sigterm_stops_every_rank(ddp_repro):
                                text=True, start_new_session=True)
     try:
         for line in process.stdout:  # the ranks are training once rank 0 reports an epoch
-            if line.startswith("[pretrain] epoch 1/"):
+            if line.startswith("[scratch@pretrain] epoch 1/"):
                 break
         else:
             pytest.fail(f"the stage ended ({process.wait()}) before its first epoch")

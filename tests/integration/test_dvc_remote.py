@@ -7,6 +7,7 @@ import subprocess
 import pytest
 
 from action3d.storage import S3Config, dvc_remote_commands
+from tests.helpers import BIN
 
 pytestmark = pytest.mark.integration
 
@@ -21,9 +22,9 @@ def tree(root):
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def test_dvc_push_then_pull_into_a_fresh_clone_restores_identical_data(s3_bucket, s3_env, venv_bin, tmp_path,
-                                                                        monkeypatch):
-    dvc = venv_bin / "dvc"
+def test_dvc_push_then_pull_into_a_fresh_clone_restores_identical_data(s3_bucket, s3_env, tmp_path, monkeypatch):
+    """How a raw dataset moves between machines: `dvc add`, `dvc push` to the S3 remote, `dvc pull` elsewhere."""
+    dvc = BIN / "dvc"
     for name, value in {"DVC_NO_ANALYTICS": "1", "DVC_SITE_CACHE_DIR": tmp_path / "site-cache",
                         "DVC_GLOBAL_CONFIG_DIR": tmp_path / "dvc-global", "GIT_CONFIG_GLOBAL": os.devnull}.items():
         monkeypatch.setenv(name, str(value))

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from tests.pipeline.conftest import make_project_repo
+from tests.helpers import make_project_repo
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.pipeline.conftest import make_project_repo
+from tests.helpers import make_project_repo
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

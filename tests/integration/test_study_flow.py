@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.pipeline.conftest import ROOT, make_project_repo
+from tests.helpers import ROOT, make_project_repo
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

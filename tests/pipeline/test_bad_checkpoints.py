@@ -11,7 +11,9 @@ from torch import nn
 
 from action3d.cli import main
 
-from .conftest import write_tiny_params
+from tests.helpers import write_tiny_params
+
+pytestmark = pytest.mark.slow  # the session's tiny data: encoded videos
 
 
 class _Opaque:
@@ -43,26 +45,27 @@ def _bad_files(folder: Path) -> dict[Path, str]:
 
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
-@pytest.mark.parametrize("given_as", ["evaluate --model", "finetune.checkpoint", "finetune --pretrained"])
+@pytest.mark.parametrize("given_as", ["evaluate --model", "finetune.pretrained", "finetune --pretrained"])
 def test_a_file_that_is_not_a_checkpoint_is_one_message_and_exit_2(workdir, capsys, given_as):
     params = str(write_tiny_params(workdir))
     bad = _bad_files(workdir / "bad")
-    video = next(p for p in sorted((workdir / "data/raw").rglob("*")) if p.suffix in (".mp4", ".avi", ".mkv"))
+    video = next(p for p in sorted((workdir / "data/demo").rglob("*")) if p.suffix in (".mp4", ".avi", ".mkv"))
     bad[video] = "looks like a video"
     data = ["--manifests", "data/splits/finetune", "--cache", "data/cache/finetune", "--params", params]
     for path, why in bad.items():
         out = workdir / "runs" / path.name
         if given_as == "evaluate --model":
             argv = ["stage", "evaluate", "--model", str(path), "--out", str(out), *data]
-        elif given_as == "finetune.checkpoint":
-            argv = ["stage", "finetune", "--out", str(out), *data, "-S", "finetune.init=checkpoint",
-                    "-S", f"finetune.checkpoint={path}"]  # fmt: skip
+        elif given_as == "finetune.pretrained":  # caught by the check stage, before any stage runs
+            argv = ["stage", "check", "--out", str(out), "--params", params, "-S", f"finetune.pretrained={path}"]
         else:
             argv = ["stage", "finetune", "--pretrained", str(path), "--out", str(out), *data]
         assert main(argv) == 2, path
         stderr = capsys.readouterr().err
         assert stderr.startswith("action3d: error: ") and "Traceback" not in stderr
         assert str(path) in stderr and why in stderr, stderr
+        if given_as == "finetune.pretrained":
+            assert "finetune.pretrained" in stderr  # the key to change
         assert "an action3d checkpoint (model.pt written by a training stage) or a 3D-ResNets-PyTorch" in stderr
         assert not out.exists()  # failed before training or evaluating anything
     assert not (workdir / "mlflow.db").exists()

@@ -8,13 +8,17 @@ import json
 import subprocess
 import sys
 
-from .conftest import write_tiny_params
+import pytest
+
+from tests.helpers import write_tiny_params
+
+pytestmark = pytest.mark.slow  # trains in a subprocess, as DVC runs a stage
 
 
 def _pretrain(workdir, out: str, *extra: str) -> subprocess.CompletedProcess:
     params = write_tiny_params(workdir)
-    command = [sys.executable, "-m", "action3d.cli", "stage", "pretrain", "--params", str(params), *extra,
-               "--manifests", "data/splits/pretrain", "--cache", "data/cache/pretrain", "--out", out]
+    command = [sys.executable, "-m", "action3d.cli", "stage", "scratch", "--role", "pretrain", "--params", str(params),
+               *extra, "--manifests", "data/splits/pretrain", "--cache", "data/cache/pretrain", "--out", out]
     done = subprocess.run(command, cwd=workdir, capture_output=True, text=True, timeout=600)  # pipes: no TTY
     assert done.returncode == 0, done.stderr[-3000:]
     return done
@@ -24,7 +28,7 @@ def test_a_stage_logs_one_line_per_epoch_and_no_bars_when_not_at_a_terminal(work
     done = _pretrain(workdir, "runs/pretrain")
     output = done.stdout + done.stderr
     assert "\r" not in output
-    epochs = [line for line in output.splitlines() if line.startswith("[pretrain] epoch ")]
+    epochs = [line for line in output.splitlines() if line.startswith("[scratch@pretrain] epoch ")]
     assert [line.split()[2] for line in epochs] == ["1/2:", "2/2:"]
     assert json.loads(done.stdout.splitlines()[-1])["epochs"] == 2  # the final JSON line
 
@@ -37,5 +41,5 @@ def test_quiet_prints_no_epoch_lines_but_the_final_json(workdir):
     done = _pretrain(workdir, "runs/quiet", "--quiet")
     output = done.stdout + done.stderr
     assert "\r" not in output
-    assert not [line for line in output.splitlines() if line.startswith("[pretrain] epoch")]
+    assert not [line for line in output.splitlines() if line.startswith("[scratch@pretrain] epoch")]
     assert json.loads(done.stdout.strip().splitlines()[-1])["epochs"] == 2

@@ -1,78 +1,58 @@
-"""`action3d predict` and `action3d registry` with a model trained in the test on the tiny demo: predictions on
-raw video files (mp4, avi, mkv, webm), by checkpoint and by registry alias, and the registry's commands.
+"""`action3d predict` and `action3d registry` on the session's tiny pipeline (its fine-tuned model, its registered
+champion): predictions on raw video files (mp4, avi, mkv, webm), by checkpoint and by registry alias, read as a
+stream; the registry's commands; and a model that learnt something names the right classes.
 
-The tiny demo's model stays near chance after the seconds of training a test can afford (40 epochs measured: 43%
-of its training clips), so these tests check what predict computes (every window, the evaluate stage's windows,
-probabilities, the same answer from every container) rather than how often it is right."""
+The tiny demo's model stays near chance after the seconds of training a test can afford, so most tests check what
+predict computes (every window, the evaluate stage's windows, probabilities, the same answer from every container);
+the last one trains a model that does learn, to check that the classes it names are right."""
 
 from __future__ import annotations
 
+import io
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
-from .conftest import ROOT, write_tiny_params
+from action3d.cli import main
+from action3d.predict import Classifier, scaled_frames
+from tests.helpers import run, write_tiny_params, write_video
 
 pytestmark = pytest.mark.slow
 
-TRAIN = ["scratch.epochs=2", "scratch.workers=0"]
+MODEL = "runs/finetune/model.pt"
 
 
-def _action3d(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # the project's own mlflow.db
-    done = subprocess.run([sys.executable, "-m", "action3d.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=900, env=env)
-    if check:
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return done
+def action3d(repo: Path, *args: str, check: bool = True):
+    return run(repo, "action3d", *args, check=check)
 
 
-def _stage(cwd: Path, name: str) -> None:
-    """A stage of dvc.yaml, by the command dvc.yaml gives it."""
-    spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    item = name.split("@")
-    cmd = spec[item[0]]["do"]["cmd"] if len(item) == 2 else spec[name]["cmd"]
-    cmd = " ".join(cmd.split()).replace("${item}", item[-1])
-    _action3d(cwd, *cmd.split()[1:], "--quiet")
+@pytest.fixture
+def cli(pipeline, monkeypatch, capsys):
+    """`action3d ARGS` in this process, in the pipeline's folder: (exit status, stdout, stderr)."""
+    monkeypatch.chdir(pipeline.repo)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+    def call(*args: str) -> tuple[int, str, str]:
+        code = main(list(args))
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return call
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory, tiny_data) -> Path:
-    """The tiny demo with a from-scratch model trained well enough, evaluated and registered (the pipeline's own
-    stages, with the scratch model standing in for the fine-tuned one)."""
-    root = tmp_path_factory.mktemp("predict")
-    (root / ".dvc").mkdir()
-    shutil.copytree(tiny_data / "data", root / "data")
-    write_tiny_params(root, TRAIN)
-    (root / "runs").mkdir()
-    _action3d(root, "stage", "check", "--out", "runs/params.ok")
-    _stage(root, "scratch")
-    _action3d(root, "stage", "evaluate", "--model", "runs/scratch/model.pt", "--manifests", "data/splits/finetune",
-              "--cache", "data/cache/finetune", "--out", "runs/evaluate/scratch", "--quiet")
-    _action3d(root, "stage", "register", "--train", "runs/scratch", "--metrics", "runs/evaluate/scratch/metrics.json",
-              "--test-manifest", "data/splits/finetune/test.csv", "--cache", "data/cache/finetune",
-              "--out", "runs/register/registration.json", "--quiet")
-    return root
+def held_out(repo: Path) -> list[tuple[Path, str]]:
+    names = json.loads((repo / "data/splits/finetune/classes.json").read_text())
+    rows = [line.split(",") for line in (repo / "data/splits/finetune/test.csv").read_text().splitlines()[1:]]
+    return [(repo / "data/demo/finetune" / r[0], names[int(r[1])]) for r in rows]
 
 
-def _test_videos(project: Path) -> list[tuple[Path, str]]:
-    names = json.loads((project / "data/splits/finetune/classes.json").read_text())
-    rows = [line.split(",") for line in (project / "data/splits/finetune/test.csv").read_text().splitlines()[1:]]
-    return [(project / "data/raw/finetune" / r[0], names[int(r[1])]) for r in rows]
-
-
-def test_predict_scores_every_window_the_evaluate_stage_scores(project):
-    videos = _test_videos(project)
-    done = _action3d(project, "predict", *[str(v) for v, _ in videos], "--model", "runs/scratch/model.pt", "--json")
-    results = json.loads(done.stdout)
+def test_predict_scores_every_window_the_evaluate_stage_scores(pipeline, cli):
+    repo = pipeline.repo
+    videos = held_out(repo)
+    results = json.loads(cli("predict", *[str(v) for v, _ in videos], "--model", MODEL, "--json")[1])
     assert [r["video"] for r in results] == [str(v) for v, _ in videos]
-    classes = json.loads((project / "data/splits/finetune/classes.json").read_text())
+    classes = json.loads((repo / "data/splits/finetune/classes.json").read_text())
     for result in results:
         names, probs = [n for n, _ in result["top"]], [p for _, p in result["top"]]
         assert sorted(names) == sorted(classes)  # top-5 of 3 classes: all of them, from the model's own card
@@ -82,20 +62,40 @@ def test_predict_scores_every_window_the_evaluate_stage_scores(project):
 
     from action3d.config import load_params
 
-    card = torch.load(project / "runs/scratch/model.pt", map_location="cpu", weights_only=True)["card"]
-    params = load_params(project / "params.yaml")
+    card = torch.load(repo / MODEL, map_location="cpu", weights_only=True)["card"]
+    params = load_params(repo / "params.yaml")
     assert card["classes"] == classes
     assert (card["clip_frames"], card["stride"], card["crop_size"], card["short_side"]) == (
         params.clip.frames, params.clip.stride, params.clip.crop_size, params.cache.short_side)
     # the evaluate stage scored the same test videos window by window: as many windows here
-    metrics = json.loads((project / "runs/evaluate/scratch/metrics.json").read_text())
+    metrics = json.loads((repo / "runs/evaluate/finetune/metrics.json").read_text())
     assert sum(len(r["windows"]) for r in results) == metrics["clips"]
 
 
-def test_other_containers_give_the_same_answer(project, tmp_path):
+def test_a_long_video_is_read_as_a_stream_and_scored_window_by_window(pipeline, tmp_path):
+    """A video many windows long: the frames come one at a time, and the windows are scored in batches as they
+    fill, so memory holds a window and a batch, never the video; the answer is the one for the whole video."""
+    classifier = Classifier.from_file(pipeline.repo / MODEL)
+    video = write_video(tmp_path / "long.mp4", frames=200, width=64, height=48)
+    frames, fps = scaled_frames(video, classifier.card.short_side)
+    assert not isinstance(frames, (list, tuple)) and fps == 25  # a generator: nothing decoded yet
+    first = next(frames)
+    assert min(first.shape[:2]) == classifier.card.short_side
+    probs, _ = classifier.probabilities(video)
+    span = classifier.card.clip_frames * classifier.card.stride
+    assert len(probs) == 200 // span  # every whole window, as in evaluation
+    same, _ = classifier.probabilities(io.BytesIO(video.read_bytes()))  # bytes in memory: the same answer
+    assert same.tolist() == probs.tolist()
+    from action3d.predict import TooLong
+
+    with pytest.raises(TooLong, match="longer than the limit of 2 s"):
+        classifier.predict(video, max_seconds=2)
+
+
+def test_other_containers_give_the_same_answer(pipeline, cli, tmp_path):
     import av
 
-    source, _ = _test_videos(project)[0]
+    source, _ = held_out(pipeline.repo)[0]
     targets = []
     for suffix, codec in ((".avi", "mpeg4"), (".mkv", "libx264"), (".webm", "libvpx-vp9")):
         target = tmp_path / f"clip{suffix}"
@@ -111,19 +111,17 @@ def test_other_containers_give_the_same_answer(project, tmp_path):
             for packet in stream.encode():
                 dst.mux(packet)
         targets.append(str(target))
-    results = json.loads(_action3d(project, "predict", str(source), *targets, "--model", "runs/scratch/model.pt",
-                                   "--json").stdout)
+    results = json.loads(cli("predict", str(source), *targets, "--model", MODEL, "--json")[1])
     for result in results[1:]:  # same frames, other containers and codecs
         assert result["error"] is None and len(result["windows"]) == len(results[0]["windows"])
         assert dict(result["top"]) == pytest.approx(dict(results[0]["top"]), abs=0.05)
 
 
-def test_the_timeline_covers_the_video(project):
+def test_the_timeline_covers_the_video(pipeline, cli):
     import av
 
-    video, _ = _test_videos(project)[0]
-    result = json.loads(_action3d(project, "predict", str(video), "--model", "runs/scratch/model.pt", "--timeline",
-                                  "--json").stdout)[0]
+    video, _ = held_out(pipeline.repo)[0]
+    result = json.loads(cli("predict", str(video), "--model", MODEL, "--timeline", "--json")[1])[0]
     with av.open(str(video)) as container:
         stream = container.streams.video[0]
         seconds = stream.frames / float(stream.average_rate)
@@ -132,104 +130,49 @@ def test_the_timeline_covers_the_video(project):
     # from the first frame to the last whole window (what is left is shorter than a window, as in evaluation)
     assert windows[0]["start_s"] == 0 and 0 <= seconds - windows[-1]["end_s"] < window
     assert all(a["end_s"] == pytest.approx(b["start_s"]) for a, b in zip(windows, windows[1:]))  # no gap, no overlap
-    text = _action3d(project, "predict", str(video), "--model", "runs/scratch/model.pt", "--timeline").stdout
+    text = cli("predict", str(video), "--model", MODEL, "--timeline")[1]
     assert text.count(" s  ") == len(windows)
 
 
-def test_predict_by_alias_and_the_registry_commands(project):
-    video, _ = _test_videos(project)[0]
-    by_file = json.loads(_action3d(project, "predict", str(video), "--model", "runs/scratch/model.pt",
-                                   "--json").stdout)[0]
-    by_alias = json.loads(_action3d(project, "predict", str(video), "--json").stdout)[0]  # the champion
+def test_predict_by_alias_and_the_registry_commands(pipeline, cli):
+    from action3d.project import file_md5
+
+    repo = pipeline.repo
+    video, _ = held_out(repo)[0]
+    by_file = json.loads(cli("predict", str(video), "--model", MODEL, "--json")[1])[0]
+    by_alias = json.loads(cli("predict", str(video), "--json")[1])[0]  # the champion
     assert by_alias["top"] == by_file["top"]
 
-    listed = json.loads(_action3d(project, "registry", "list", "--json").stdout)
-    assert listed[0]["version"] == "1" and listed[0]["aliases"] == ["champion"]
-    run = json.loads((project / "runs/scratch/run.json").read_text())
-    assert listed[0]["run_id"] == run["run_id"]
+    listed = json.loads(cli("registry", "list", "--json")[1])
+    champion = next(row for row in listed if "champion" in row["aliases"])
+    run_id = json.loads((repo / "runs/finetune/run.json").read_text())["run_id"]
+    registration = json.loads((repo / "runs/register/registration.json").read_text())
+    assert champion["run_id"] == run_id and champion["version"] == str(registration["version"])
+    text = cli("registry", "list")[1]
+    assert text.startswith(f"action3d-demo ({len(listed)} version{'' if len(listed) == 1 else 's'}, newest first)")
 
-    promoted = _action3d(project, "registry", "promote", "1", "--alias", "staging", "--reason", "smoke test").stdout
-    assert "action3d-demo@staging -> v1" in promoted
-    shown = json.loads(_action3d(project, "registry", "show", "staging").stdout)
-    assert shown["version"] == "1" and shown["promoted"] == "smoke test"
-
-    lineage = json.loads(_action3d(project, "registry", "lineage", "action3d-demo@champion").stdout)
-    from action3d.storage import file_md5
-
-    assert lineage["runs"][0]["run_id"] == run["run_id"]
-    assert lineage["runs"][0]["data"]["train"] == file_md5(project / "data/splits/finetune/train.csv")
+    shown = json.loads(cli("registry", "show", "champion")[1])
+    assert shown["version"] == champion["version"] and shown["run_id"] == run_id
+    lineage = json.loads(cli("registry", "lineage", "action3d-demo@champion")[1])
+    assert lineage["runs"][0]["run_id"] == run_id
+    assert lineage["runs"][0]["data"]["train"] == file_md5(repo / "data/splits/finetune/train.csv")
 
 
-def test_bad_models_and_bad_videos_are_named_and_the_rest_still_predicted(project, tmp_path):
-    video, _ = _test_videos(project)[0]
+def test_bad_models_and_bad_videos_are_named_and_the_rest_still_predicted(pipeline, cli, tmp_path):
+    video, _ = held_out(pipeline.repo)[0]
     text = tmp_path / "notes.mp4"
     text.write_text("not a video")
-    done = _action3d(project, "predict", str(video), str(text), "--model", "runs/scratch/model.pt", check=False)
-    assert done.returncode == 1 and f"{text}: error:" in done.stdout and f"{video}:" in done.stdout
-    assert "1 of 2 video(s) could not be classified" in done.stderr
+    code, out, err = cli("predict", str(video), str(text), "--model", MODEL)
+    assert code == 1 and f"{text}: error:" in out and f"{video}:" in out
+    assert "1 of 2 video(s) could not be classified" in err
 
-    for model, message in [("models:/action3d-demo@nope", "has no alias 'nope'; its aliases: champion (v1)"),
+    for model, message in [("models:/action3d-demo@nope", "has no alias 'nope'; its aliases: champion (v"),
                            ("models:/action3d-demo/1x", "is not a registered model URI"),
-                           ("models:/action3d-demo/9", "has no version 9; its versions: 1"),
+                           ("models:/action3d-demo/99", "has no version 99; its versions: 1"),
                            ("models:/nobody@champion", "no registered model 'nobody'"),
                            (str(text), "is not a checkpoint"), ("missing.pt", "no such file")]:
-        done = _action3d(project, "predict", str(video), "--model", model, check=False)
-        assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, (model, done.stderr)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_the_champion_serves_videos_over_rest(project, tmp_path):
-    """`mlflow models serve` of the registered champion on loopback: a posted video (bytes, or a path on the server)
-    gets the label `action3d predict` gives it; a bad row gets its own error, the others their labels."""
-    import base64
-    import time
-    import urllib.request
-
-    video, _ = _test_videos(project)[0]
-    expected = json.loads(_action3d(project, "predict", str(video), "--model", "runs/scratch/model.pt",
-                                    "--topk", "2", "--json").stdout)[0]
-    port = _free_port()
-    venv_bin = str(Path(sys.executable).parent)  # mlflow starts uvicorn by name, from the venv
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}",
-           "PATH": venv_bin + os.pathsep + os.environ.get("PATH", "")}
-    mlflow_cli = str(Path(venv_bin) / "mlflow")
-    log = open(tmp_path / "serve.log", "w")
-    server = subprocess.Popen([mlflow_cli, "models", "serve", "-m", "models:/action3d-demo@champion",
-                               "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port), "-w", "1"],
-                              cwd=project, env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        for _ in range(240):
-            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
-                break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            raise AssertionError("mlflow models serve did not answer /ping in 2 minutes:\n"
-                                 + (tmp_path / "serve.log").read_text()[-3000:])
-        rows = [{"video_b64": base64.b64encode(video.read_bytes()).decode()}, {"video": str(video)},
-                {"video_b64": base64.b64encode(b"not a video").decode()}]
-        body = json.dumps({"dataframe_records": rows, "params": {"topk": 2}}).encode()
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
-                                         headers={"Content-Type": "application/json"})
-        answer = json.loads(urllib.request.urlopen(request, timeout=120).read())["predictions"]
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-        log.close()
-    for row in answer[:2]:
-        assert row["error"] == "" and row["label"] == expected["top"][0][0]
-        assert row["top_classes"] == [name for name, _ in expected["top"]]
-        assert row["top_probabilities"] == pytest.approx([p for _, p in expected["top"]], abs=1e-3)
-    assert answer[2]["label"] == "" and "not a video this can decode" in answer[2]["error"]
+        code, _, err = cli("predict", str(video), "--model", model)
+        assert code == 2 and message in err and "Traceback" not in err, (model, err)
 
 
 @pytest.fixture(scope="module")
@@ -238,7 +181,7 @@ def colours(tmp_path_factory) -> Path:
     movement), in the folder layout, through the pipeline's own split, cache and scratch stages."""
     import numpy as np
 
-    from action3d.data.video import write_video
+    from action3d.data.video import write_video as encode
 
     root = tmp_path_factory.mktemp("colours")
     rng = np.random.default_rng(0)
@@ -250,23 +193,25 @@ def colours(tmp_path_factory) -> Path:
                 frame = np.clip(rng.normal(tint, 30, size=(48, 64, 3)), 0, 255).astype(np.uint8)
                 frame[:, (4 * t + 7 * i) % 64:][:, :8] = 255  # a white bar sweeping across
                 frames.append(frame)
-            write_video(root / "data/raw/finetune" / name / f"{name}_{i}.mp4", frames, fps=25)
-    write_tiny_params(root, ["split.finetune_layout=folder", "split.val_fraction=0.2", "split.test_fraction=0.34",
-                             "scratch.epochs=12", "scratch.workers=0", "scratch.lr=0.05"])
+            encode(root / "data/colours" / name / f"{name}_{i}.mp4", frames, fps=25)
+    write_tiny_params(root, ["data={finetune: {path: data/colours, layout: folder}}", "synth.sets={}",
+                             "split.val_fraction=0.2", "split.test_fraction=0.34", "scratch.finetune.epochs=12",
+                             "scratch.finetune.lr=0.05"])
     (root / ".dvc").mkdir()
-    (root / "runs").mkdir()
-    _action3d(root, "stage", "check", "--out", "runs/params.ok")
-    for stage in ("split@finetune", "cache@finetune", "scratch"):
-        _stage(root, stage)
+    for argv in (["split", "--role", "finetune", "--out", "data/splits/finetune"],
+                 ["cache", "--role", "finetune", "--manifests", "data/splits/finetune", "--out", "data/cache/finetune"],
+                 ["scratch", "--role", "finetune", "--manifests", "data/splits/finetune", "--cache",
+                  "data/cache/finetune", "--out", "runs/scratch/finetune"]):  # as dvc.yaml runs them
+        action3d(root, "stage", *argv, "--quiet")
     return root
 
 
 def test_predict_names_the_true_class_of_videos_the_model_learnt(colours):
     rows = [line.split(",") for line in (colours / "data/splits/finetune/test.csv").read_text().splitlines()[1:]]
     names = json.loads((colours / "data/splits/finetune/classes.json").read_text())
-    videos = [(colours / "data/raw/finetune" / r[0], names[int(r[1])]) for r in rows]
+    videos = [(colours / "data/colours" / r[0], names[int(r[1])]) for r in rows]
     assert len(videos) >= 6 and len({truth for _, truth in videos}) == 3
-    results = json.loads(_action3d(colours, "predict", *[str(v) for v, _ in videos], "--model",
-                                   "runs/scratch/model.pt", "--json").stdout)
+    results = json.loads(action3d(colours, "predict", *[str(v) for v, _ in videos], "--model",
+                                  "runs/scratch/finetune/model.pt", "--json").stdout)
     right = sum(r["top"][0][0] == truth for r, (_, truth) in zip(results, videos))
     assert right / len(videos) >= 0.8, (right, len(videos), results)  # chance is 1/3

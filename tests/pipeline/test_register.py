@@ -8,9 +8,10 @@ import json
 import pytest
 
 from action3d.config import load_params
-from action3d.stages import evaluate, finetune, register
-
-from .conftest import ROOT, TINY
+from action3d.project import tracking_uri
+from action3d.stages import STAGES
+from action3d.stages.register import split_digest
+from tests.helpers import ROOT, TINY
 
 pytestmark = pytest.mark.slow
 
@@ -18,38 +19,34 @@ pytestmark = pytest.mark.slow
 def test_a_changed_test_split_rescores_the_champion_and_runs_hold_no_machine_path(workdir):
     from mlflow import MlflowClient
 
-    from action3d.stages.common import tracking_uri
-    from action3d.stages.register import test_data_digest
-
-    params = load_params(ROOT / "params.yaml", [*TINY, "finetune.init=scratch"])
+    params = load_params(ROOT / "params.yaml", TINY)
     splits, cache = workdir / "data/splits/finetune", workdir / "data/cache/finetune"
     test_csv = splits / "test.csv"
 
-    def train_and_evaluate(name: str, params) -> dict:
-        finetune.run(params, manifests_dir=splits, cache_dir=cache, out_dir=workdir / f"runs/{name}")
-        return evaluate.run(params, model_path=workdir / f"runs/{name}/model.pt", manifests_dir=splits,
-                            cache_dir=cache, out_dir=workdir / f"runs/evaluate/{name}")
+    def train_and_evaluate(name: str, params) -> dict:  # models trained on the small set: any training run registers
+        STAGES["scratch"].run(params, role="finetune", manifests=splits, cache=cache, out=workdir / f"runs/{name}")
+        return STAGES["evaluate"].run(params, model=workdir / f"runs/{name}/model.pt", manifests=splits, cache=cache,
+                                      out=workdir / f"runs/evaluate/{name}")
 
     def register_(name: str) -> dict:
-        return register.run(params, train_dir=workdir / f"runs/{name}",
-                            metrics_path=workdir / f"runs/evaluate/{name}/metrics.json", test_manifest=test_csv,
-                            cache_dir=cache, out_path=workdir / "runs/register/registration.json")
+        return STAGES["register"].run(params, train=workdir / f"runs/{name}", manifests=splits, cache=cache,
+                                      metrics=workdir / f"runs/evaluate/{name}/metrics.json",
+                                      out=workdir / "runs/register/registration.json")
 
     train_and_evaluate("first", params)
     first = register_("first")
     assert (first["version"], first["alias"], first["created"]) == ("1", "champion", True)
-    old_digest = test_data_digest(test_csv, cache)
+    old_digest = split_digest(test_csv, cache)
 
     # the test split changes (a video leaves it); a second model is trained and measured on the new split
     lines = test_csv.read_text().splitlines(keepends=True)
     assert len(lines) >= 3, "the tiny test split needs two videos or more"
     test_csv.write_text("".join(lines[:-1]))
-    new_digest = test_data_digest(test_csv, cache)
-    second_metrics = train_and_evaluate("second", load_params(ROOT / "params.yaml",
-                                                               [*TINY, "finetune.init=scratch", "seed=1"]))
+    new_digest = split_digest(test_csv, cache)
+    second_metrics = train_and_evaluate("second", load_params(ROOT / "params.yaml", [*TINY, "seed=1"]))
     # what the first model scores on the new split, measured here by the evaluate stage itself
-    first_on_new = evaluate.run(params, model_path=workdir / "runs/first/model.pt", manifests_dir=splits,
-                                cache_dir=cache, out_dir=workdir / "runs/evaluate/first-again")["video_top1"]
+    first_on_new = STAGES["evaluate"].run(params, model=workdir / "runs/first/model.pt", manifests=splits, cache=cache,
+                                          out=workdir / "runs/evaluate/first-again")["video_top1"]
 
     second = register_("second")
     assert second["created"] and second["version"] == "2"
@@ -77,10 +74,8 @@ def test_a_changed_test_split_rescores_the_champion_and_runs_hold_no_machine_pat
 
 
 def test_the_test_data_digest_changes_with_the_frames_not_only_the_split_file(workdir):
-    from action3d.stages.register import test_data_digest
-
     splits, cache = workdir / "data/splits/finetune", workdir / "data/cache/finetune"
-    before = test_data_digest(splits / "test.csv", cache)
-    assert test_data_digest(splits / "test.csv", cache) == before
+    before = split_digest(splits / "test.csv", cache)
+    assert split_digest(splits / "test.csv", cache) == before
     (cache / "index.csv").write_text((cache / "index.csv").read_text().replace(",", ";", 1))  # other frames
-    assert test_data_digest(splits / "test.csv", cache) != before
+    assert split_digest(splits / "test.csv", cache) != before

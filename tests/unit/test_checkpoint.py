@@ -266,3 +266,29 @@ def test_unwrap_model_sees_through_every_wrapper():
     model = _small()
     assert unwrap_model(torch.compile(nn.DataParallel(model))) is model
     assert unwrap_model(model) is model
+
+
+def test_a_published_checkpoint_is_checked_against_the_model_from_its_keys_and_arch(tmp_path):
+    """What the check stage asks before any stage runs: the file says `arch` 'resnet-18' (3D-ResNets-PyTorch's
+    "<model>-<depth>") and holds resnet18's keys and shapes, any class count; another depth or another model name
+    is named with the knob to change."""
+    from action3d.checkpoint import check_fits, registry_name
+
+    assert (registry_name("resnet-18"), registry_name("resnext-101"), registry_name("preresnet-34"),
+            registry_name("resnet2p1d-18"), registry_name("resnet18"), registry_name("vgg-16")) == (
+        "resnet18", "resnext101", "preact_resnet34", "r2plus1d18", "resnet18", None)
+    r18 = create_model("resnet18", n_classes=400, **SMALL)
+    published = tmp_path / "r3d18_K_200ep.pth"
+    torch.save({"epoch": 200, "arch": "resnet-18", "state_dict": {f"module.{k}": v for k, v in r18.state_dict().items()},
+                "optimizer": {}}, published)
+    check_fits(published, "resnet18", SMALL, knob="finetune.pretrained")  # fits: 400 classes or any other
+    with pytest.raises(CheckpointMismatchError, match=r"finetune.pretrained .* is a resnet-18 .* model.name is "
+                                                      r"resnet34: set model.name: resnet18"):
+        check_fits(published, "resnet34", SMALL, knob="finetune.pretrained")
+    nameless = tmp_path / "nameless.pth"
+    torch.save({"state_dict": create_model("resnet34", n_classes=400, **SMALL).state_dict()}, nameless)
+    with pytest.raises(CheckpointMismatchError, match=r"finetune.pretrained: .*nameless.pth does not fit model "
+                                                      r"'resnet18': 'layer1.2"):
+        check_fits(nameless, "resnet18", SMALL, knob="finetune.pretrained")
+    with pytest.raises(CheckpointMismatchError, match="widen_factor"):
+        check_fits(published, "resnet18", {"widen_factor": 0.25}, knob="finetune.pretrained")

@@ -1,6 +1,5 @@
-"""action3d.storage without a server: URIs, configuration, checksums, and the error for an endpoint that is down."""
+"""action3d.storage without a server: URIs, configuration, and the error for an endpoint that is down."""
 
-import hashlib
 import socket
 import threading
 
@@ -79,18 +78,6 @@ def test_one_configuration_serves_dvc_and_mlflow():
     assert storage.mlflow_env(S3Config()) == {}
 
 
-def test_checksum_helpers(tmp_path):
-    path = tmp_path / "f.bin"
-    data = bytes(range(256)) * 5000
-    path.write_bytes(data)
-    assert storage.file_sha256(path) == hashlib.sha256(data).hexdigest()
-    assert storage.file_md5(path) == hashlib.md5(data).hexdigest()
-    assert storage.file_md5(path, 1000, 70_000) == hashlib.md5(data[1000:71_000]).hexdigest()
-    assert storage.file_md5(path, len(data) - 10, 1000) == hashlib.md5(data[-10:]).hexdigest()
-    (tmp_path / "empty").write_bytes(b"")
-    assert storage.file_sha256(tmp_path / "empty") == hashlib.sha256(b"").hexdigest()
-
-
 def _connections_until_given_up(tmp_path, max_attempts: int) -> int:
     """How many connections a download makes to a server that drops every one, before it raises StorageError."""
     listener = socket.socket()
@@ -112,7 +99,7 @@ def _connections_until_given_up(tmp_path, max_attempts: int) -> int:
                       secret_access_key="secret", max_attempts=max_attempts)
     try:
         with pytest.raises(StorageError, match=f"after {max_attempts} attempts"):
-            storage.download("s3://my-data/f.bin", tmp_path / "f.bin", config=config, progress=False)
+            storage.download("s3://my-data/f.bin", tmp_path / "f.bin", config=config)
     finally:
         listener.close()
     return len(accepted)
@@ -135,7 +122,7 @@ def test_endpoint_that_is_down_fails_naming_endpoint_and_bucket(tmp_path):
     endpoint = f"http://127.0.0.1:{unused_port()}"
     config = S3Config(endpoint_url=endpoint, access_key_id="id", secret_access_key="secret")
     with pytest.raises(StorageError) as caught:
-        storage.download("s3://my-data/f.bin", tmp_path / "out" / "f.bin", config=config, progress=False)
+        storage.download("s3://my-data/f.bin", tmp_path / "out" / "f.bin", config=config)
     message = str(caught.value)
     assert endpoint in message and "'my-data'" in message and "AWS_ENDPOINT_URL" in message
     assert (caught.value.endpoint, caught.value.bucket) == (endpoint, "my-data")
@@ -143,9 +130,10 @@ def test_endpoint_that_is_down_fails_naming_endpoint_and_bucket(tmp_path):
     once = S3Config(endpoint_url=endpoint, access_key_id="id", secret_access_key="secret", max_attempts=1)
     source = tmp_path / "f.bin"
     source.write_bytes(b"x")
-    for action in (lambda: storage.upload(source, "s3://my-data/f.bin", config=once, progress=False),
-                   lambda: storage.sync_up(tmp_path, "s3://my-data/raw", config=once, progress=False),
-                   lambda: storage.sync_down("s3://my-data/raw", tmp_path / "out", config=once, progress=False)):
+    for action in (lambda: storage.upload(source, "s3://my-data/f.bin", config=once),
+                   lambda: storage.list_objects("s3://my-data/raw/", config=once),
+                   lambda: storage.check_bucket("s3://my-data/raw", config=once),
+                   lambda: storage.download("s3://my-data/f.bin", tmp_path / "out" / "f.bin", config=once)):
         with pytest.raises(StorageError, match=f"Cannot reach bucket 'my-data' at S3 endpoint {endpoint}"):
             action()
     assert not (tmp_path / "out").exists()
@@ -161,5 +149,3 @@ def test_bad_arguments_fail_before_any_request(tmp_path):
         storage.upload(tmp_path / "f.bin", "s3://my-data/folder/")
     with pytest.raises(ValueError, match="names no object"):
         storage.download("s3://my-data", tmp_path / "g.bin")
-    with pytest.raises(NotADirectoryError):
-        storage.sync_up(tmp_path / "f.bin", "s3://my-data/p")

@@ -31,10 +31,10 @@ def ws(tmp_path_factory) -> Workspace:
 def test_set_params_writes_the_overrides_and_keeps_every_comment(ws):
     before = (ROOT / "params.yaml").read_text()
     (ws.root / "params.yaml").write_text(before)
-    ws.set_params(["finetune.lr=0.003", "model.name=resnet18", "scratch.epochs=12"])
+    ws.set_params(["finetune.lr=0.003", "model.name=resnet18", "scratch.finetune.epochs=12"])
     after = (ws.root / "params.yaml").read_text()
     params = load_params(ws.root / "params.yaml")
-    assert (params.finetune.lr, params.model.name, params.scratch.epochs) == (0.003, "resnet18", 12)
+    assert (params.finetune.lr, params.model.name, params.scratch.finetune.epochs) == (0.003, "resnet18", 12)
     comments = lambda text: [line.split("#", 1)[1] for line in text.splitlines() if "#" in line]  # noqa: E731
     assert comments(after) == comments(before)
     changed = [(a, b) for a, b in zip(before.splitlines(), after.splitlines()) if a != b]
@@ -52,9 +52,11 @@ def test_a_bad_override_changes_nothing_and_names_the_key(ws):
 def test_stages_of_a_target_are_it_and_what_it_needs_in_dag_order(ws):
     everything = ws.stages()
     assert everything[0] == "check" and everything[-1] == "register" and "split@pretrain" in everything
-    assert ws.stages(["scratch"]) == ["check", "synth", "split@finetune", "cache@finetune", "scratch"]
-    with pytest.raises(WorkspaceError, match="no stage 'pretrian'.*pretrain"):
-        ws.stages(["pretrian"])
+    assert ws.stages(["scratch@finetune"]) == ["check", "synth@finetune", "split@finetune", "cache@finetune",
+                                               "scratch@finetune"]
+    assert "scratch@pretrain" in ws.stages(["finetune"])  # its weights are what scratch@pretrain makes
+    with pytest.raises(WorkspaceError, match="no stage 'scratch@pretrian'.*scratch@pretrain"):
+        ws.stages(["scratch@pretrian"])
 
 
 def test_check_stops_on_bad_params_before_anything_runs(ws):

@@ -125,15 +125,47 @@ def _lines(path: Path) -> Iterable[tuple[int, str]]:
                 yield number, line
 
 
-def _find(root: Path, names: Iterable[str], what: str) -> Path:
-    """The first existing file among `names` under `root` (or its ucfTrainTestlist/ and splits/ folders)."""
-    names = list(names)
-    for folder in (root, root / "ucfTrainTestlist", root / "splits", root / "annotations"):
+_ANNOTATION_FOLDERS = ("", "ucfTrainTestlist", "splits", "annotations")
+
+
+def _lookup(root: Path, names: Iterable[str]) -> Path | None:
+    """The first existing file among `names` in `root` or its ucfTrainTestlist/, splits/, annotations/ folders."""
+    for folder in _ANNOTATION_FOLDERS:
         for name in names:
-            if (folder / name).is_file():
-                return folder / name
-    raise AnnotationError(f"no {what} found in {root} (looked for {', '.join(names)}); point the annotations "
-                          "argument at the folder that holds it")
+            if (root / folder / name).is_file():
+                return root / folder / name
+    return None
+
+
+def _find(root: Path, names: Iterable[str], what: str) -> Path:
+    names = list(names)
+    found = _lookup(root, names)
+    if found is None:
+        raise AnnotationError(f"no {what} in {root} or its {', '.join(f + '/' for f in _ANNOTATION_FOLDERS if f)} "
+                              f"folders (looked for {', '.join(names)}): put the layout's files there")
+    return found
+
+
+def missing_files(layout: str, root: Path, split: int = 1) -> str | None:
+    """What `layout` needs in `root` that is not there (the split files of `split`), or None: checked before any
+    stage runs, so a wrong layout knob is named then, not half way through the pipeline."""
+    if layout == "ucf101":
+        needed = ["classInd.txt", f"trainlist{split:02d}.txt", f"testlist{split:02d}.txt"]
+        absent = [name for name in needed if _lookup(root, [name]) is None]
+        return f"UCF-101's {', '.join(absent)}" if absent else None
+    if layout == "hmdb51":
+        found = next(root.rglob(f"*_test_split{split}.txt"), None) if root.is_dir() else None
+        return None if found else f"HMDB-51's split files (*_test_split{split}.txt)"
+    if layout == "kinetics":
+        return None if _lookup(root, _KINETICS_FILES["train"]) else "a Kinetics train CSV (kinetics_train.csv, ...)"
+    classes = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")] if root.is_dir() else []
+    videos = any(is_video_name(v) for c in classes for v in c.iterdir())
+    return None if videos else "class folders holding videos (<root>/<class>/<video>)"
+
+
+def looks_like(root: Path, split: int = 1) -> list[str]:
+    """The layouts whose files `root` holds (folder last: any tree of class folders is one)."""
+    return [layout for layout in LAYOUTS if missing_files(layout, root, split) is None]
 
 
 def _disk_videos(root: Path, depth: int) -> tuple[set[str], list[str]]:
@@ -191,8 +223,8 @@ def _hmdb51(root: Path, ann: Path, split: int) -> tuple[list[str], dict[str, lis
     suffix = f"_test_split{split}.txt"
     files = sorted(p for p in ann.rglob(f"*{suffix}") if p.is_file())
     if not files:
-        raise AnnotationError(f"no '*{suffix}' files under {ann}; point the annotations argument at the folder "
-                              "that holds the HMDB-51 split files (testTrainMulti_7030_splits)")
+        raise AnnotationError(f"no '*{suffix}' files under {ann}: put HMDB-51's split files "
+                              "(testTrainMulti_7030_splits) in the data folder")
     classes = sorted({p.name[: -len(suffix)] for p in files})
     report = SplitReport("hmdb51", str(root), split)
     subsets: dict[str, list[Entry]] = {"train": [], "test": []}

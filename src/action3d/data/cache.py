@@ -192,10 +192,6 @@ def _decode_jpegs(blobs: Sequence[bytes]) -> list:
     return [torch.from_numpy(np.asarray(Image.open(io.BytesIO(b)).convert("RGB"))).permute(2, 0, 1) for b in blobs]
 
 
-def read_pack_info(path: str | Path) -> PackInfo:
-    return FramePack(path).info
-
-
 def cache_path(cache_root: str | Path, rel_path: str) -> Path:
     """Where the frame pack of the video at `rel_path` (relative to the data root) lives."""
     return Path(cache_root) / f"{rel_path}{SUFFIX}"
@@ -417,6 +413,14 @@ def build_cache(
     write_index(cache_root, [entries[r] for r in rels])
     write_atomic_text(cache_root / REPORT, json.dumps(asdict(report), indent=2) + "\n")
     return report
+
+
+def cache_digest(cache_root: str | Path) -> str | None:
+    """The cache's content, cheaply: its index names every pack with its frames, size and bytes (None: no cache)."""
+    from action3d.project import file_md5
+
+    index = Path(cache_root) / INDEX
+    return file_md5(index) if index.is_file() else None
 
 
 def write_index(cache_root: str | Path, entries: Sequence[CacheEntry]) -> None:

@@ -1,23 +1,29 @@
-"""Stage synth: the built-in demo data, a pretraining set (Kinetics layout) and a fine-tuning set (UCF-101)."""
+"""Stage synth: the built-in demo data of one role, in the official layout its data.<role>.layout names."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from action3d.config import Params
+from action3d.config import Params, Role
+from action3d.errors import Action3dError
+from action3d.stages import RunContext
+
+MAKERS = {"kinetics": "synth_kinetics", "ucf101": "synth_ucf101", "hmdb51": "synth_hmdb51"}
 
 
-def run(params: Params, *, out_dir: str | Path, hmdb51: bool = False, workers: int | None = None) -> dict:
-    """Write `out_dir/pretrain` (Kinetics layout) and `out_dir/finetune` (UCF-101 layout; HMDB-51 with `hmdb51`).
+def run(params: Params, *, role: Role, out: str | Path, ctx: RunContext | None = None) -> dict:
+    """Write the demo set `synth.sets.<role>` into `out`. Same params, same bytes: the videos are drawn from
+    `synth.seed`."""
+    from action3d.data import synthetic
 
-    Same params, same bytes: the videos are drawn from `synth.seed`.
-    """
-    from action3d.data.synthetic import synth_hmdb51, synth_kinetics, synth_ucf101
-
+    knobs = getattr(params.synth.sets, role)
+    layout = params.data[role].layout if role in params.data else None
+    if knobs is None or layout not in MAKERS:
+        raise Action3dError(f"synth.sets.{role} is not set, or data.{role}.layout ({layout}) is not one the demo "
+                            f"writes ({', '.join(MAKERS)}): remove synth.sets.{role}, or set both")
     s = params.synth
-    common = dict(looks=s.looks, seed=s.seed, width=s.width, height=s.height, fps=s.fps, seconds=s.seconds,
-                  gop=s.gop, crf=s.crf, workers=workers)
-    out_dir = Path(out_dir)
-    pretrain = synth_kinetics(out_dir / "pretrain", **s.pretrain.model_dump(), **common)
-    finetune = (synth_hmdb51 if hmdb51 else synth_ucf101)(out_dir / "finetune", **s.finetune.model_dump(), **common)
-    return {"pretrain_videos": pretrain["videos"], "finetune_videos": finetune["videos"]}
+    made = getattr(synthetic, MAKERS[layout])(
+        out, **knobs.model_dump(), looks=s.looks, seed=s.seed, width=s.width, height=s.height, fps=s.fps,
+        seconds=s.seconds, gop=s.gop, crf=s.crf,
+    )  # fmt: skip
+    return {"videos": made["videos"], "classes": len(made["classes"])}
