@@ -59,10 +59,13 @@ POOL ?= gpu
 prefect-server: $(STAMP)
 	prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
 
+# A worker on this machine tracks into the project's own store unless MLFLOW_TRACKING_URI names another: a deployed
+# run works in a temporary clone, and a store inside it would be deleted with it.
+MLFLOW_TRACKING_URI ?= sqlite:///$(abspath mlflow.db)
 worker: $(STAMP)
 	PREFECT_API_URL=$(PREFECT_API_URL) prefect work-pool inspect $(POOL) >/dev/null 2>&1 || \
 	  PREFECT_API_URL=$(PREFECT_API_URL) prefect work-pool create $(POOL) --type process
-	PREFECT_API_URL=$(PREFECT_API_URL) prefect worker start --pool $(POOL)
+	PREFECT_API_URL=$(PREFECT_API_URL) MLFLOW_TRACKING_URI=$(MLFLOW_TRACKING_URI) prefect worker start --pool $(POOL)
 
 deploy: $(STAMP)
 	PREFECT_API_URL=$(PREFECT_API_URL) $(BIN)/python flows/deploy.py --require-remote $(if $(ACTIVE),--active)
@@ -71,14 +74,14 @@ deploy: $(STAMP)
 study: $(STAMP)
 	$(BIN)/python flows/study.py
 
-# Optuna: the study of params.yaml's tune section (WORKERS processes), and its dashboard on the default journal file
+# Optuna: the study of params.yaml's tune section (WORKERS processes), and its dashboard; both take the same overrides,
+# e.g. make tune SET="-S tune.study=lr-sweep" then make optuna-dashboard SET="-S tune.study=lr-sweep"
 WORKERS ?= 2
 tune: $(STAMP)
-	action3d tune --n-workers $(WORKERS)
+	action3d tune --n-workers $(WORKERS) $(SET)
 
-OPTUNA_STORAGE ?= $(shell $(BIN)/python -c "from action3d.tune import setup; print(setup().storage_url)" 2>/dev/null)
 optuna-dashboard: $(STAMP)
-	optuna-dashboard --host 127.0.0.1 --port 8080 $(OPTUNA_STORAGE)
+	action3d tune --dashboard $(SET)
 
 # the DVC remote workers pull from and push to: make remote URL=s3://bucket/prefix (AWS_* variables for the endpoint)
 remote: $(STAMP)

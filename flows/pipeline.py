@@ -34,8 +34,11 @@ from action3d.workspace import Workspace  # noqa: E402
 
 @task(name="preflight")
 def preflight(root: str, overrides: list[str], targets: list[str], revision: str | None, remote: bool) -> list[str]:
-    """Everything the run needs, before any work: the revision, params + overrides, the stages, the DVC remote."""
+    """Everything the run needs, before any work: the revision, params + overrides, the stages, the DVC remote, and
+    (deployed, in a worker's temporary clone) a tracking store that outlives the clone."""
     ws = Workspace(root)
+    if deployment.id:
+        print(f"tracking into {ws.check_tracking_store()}")
     if revision:
         print(f"checked out {revision} = {ws.checkout(revision)}")
     stages = ws.check(overrides=overrides, targets=targets, remote=remote)

@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # the clon
 from prefect import flow, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
+from prefect.runtime import deployment  # noqa: E402
 from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 
 from action3d import study as studies  # noqa: E402
@@ -58,6 +59,8 @@ def study(entries: dict[str, list[str]] | None = None, name: str = "architecture
     from action3d.tracking.runs import create_parent_run, finish_run, log_study_table
 
     project = Workspace(root)
+    if deployment.id:  # a worker's temporary clone: its runs must go to a store that outlives it
+        project.check_tracking_store()
     params = load_params(project.root / "params.yaml")
     chosen = studies.study_entries(params, entries)
     targets = list(targets or params.study.targets)

@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # the clon
 
 from prefect import flow, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact  # noqa: E402
+from prefect.runtime import deployment  # noqa: E402
 from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 
 from action3d import tune as tuning  # noqa: E402
@@ -41,6 +42,8 @@ def tune(n_workers: int = 2, overrides: list[str] | None = None, join: bool = Fa
          root: str = ".") -> dict:
     overrides = list(overrides or [])
     ws = Workspace(root)
+    if deployment.id:  # a worker's temporary clone: its runs must go to a store that outlives it
+        ws.check_tracking_store()
     setup = tuning.setup(ws.root / "params.yaml", overrides)
     upstream = ws.stages([setup.tune.target])[:-1]  # a fresh worker's clone: the target's inputs, pulled or made
     pull = ws.remote() is not None

@@ -127,12 +127,17 @@ def run_entry(project: Workspace, study: str, entry: str, params: Params, overri
 
 
 def _cause(err: Exception) -> str:
-    """The line of a failure that says why: the stage's own error over DVC's "failed to reproduce"."""
-    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    """What says why a failure happened: the stage's own error (with its indented lines: check lists each problem)
+    over DVC's "failed to reproduce"."""
+    lines = [line.rstrip() for line in str(err).strip().splitlines() if line.strip()]
     if not lines:
         return traceback.format_exception_only(err)[-1].strip()
-    telling = [line for line in lines if "action3d: error:" in line or re.match(r"^\w*(Error|Exception):", line)]
-    return (telling or lines)[-1][:300]
+    telling = [i for i, line in enumerate(lines) if "action3d: error:" in line
+               or re.match(r"^\w*(Error|Exception):", line.strip())]
+    first = telling[-1] if telling else len(lines) - 1
+    said = [lines[first].strip()]
+    said += [line.strip() for line in lines[first + 1:] if line.startswith((" ", "\t"))]
+    return " ".join(said)[:400]
 
 
 def model_cost(params: Params) -> dict[str, float]:

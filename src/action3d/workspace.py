@@ -51,6 +51,26 @@ class WorkspaceError(Action3dError):
     """A DVC or git command failed, or the workspace lacks what a run needs; the message says which and the fix."""
 
 
+def deploy_source() -> dict[str, object]:
+    """What `prefect deploy` puts in the deployments (prefect.yaml's build step `source`): the git repository and
+    branch workers clone, and whether the schedules start active. ACTION3D_GIT_REPOSITORY, ACTION3D_GIT_BRANCH and
+    ACTION3D_SCHEDULES_ACTIVE set them; unset, they are this project's `origin` (or this folder, for a worker on
+    the same machine), its current branch, and paused schedules."""
+    root = Path.cwd()
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    repository = os.environ.get("ACTION3D_GIT_REPOSITORY") or git("remote", "get-url", "origin") or str(root)
+    branch = os.environ.get("ACTION3D_GIT_BRANCH") or git("branch", "--show-current")
+    if not branch:
+        raise WorkspaceError(f"{root} is on no branch (a detached HEAD), and workers clone a branch: check one out, "
+                             "or set ACTION3D_GIT_BRANCH")
+    active = os.environ.get("ACTION3D_SCHEDULES_ACTIVE", "false").strip().lower() in ("1", "true", "yes")
+    return {"repository": repository, "branch": branch, "schedules_active": active}
+
+
 @dataclass(frozen=True)
 class Remote:
     name: str
@@ -84,19 +104,22 @@ class Workspace:
         env.setdefault("DVC_NO_ANALYTICS", "1")
         return {**env, **self.extra_env}
 
-    def run(self, *argv: str, check: bool = True, echo: bool = False) -> subprocess.CompletedProcess:
-        """Run a command in the workspace. `echo` streams its output (a training stage's epochs) as it comes."""
+    def run(self, *argv: str, check: bool = True, echo: bool = False, env: dict[str, str] | None = None
+            ) -> subprocess.CompletedProcess:
+        """Run a command in the workspace. `echo` streams its output (a training stage's epochs) as it comes;
+        `env` adds variables for this command alone."""
         command = [str(a) for a in argv]
+        environment = {**self.env(), **(env or {})}
         if echo:
             lines: list[str] = []
-            with subprocess.Popen(command, cwd=self.root, env=self.env(), stdout=subprocess.PIPE,
+            with subprocess.Popen(command, cwd=self.root, env=environment, stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True, bufsize=1) as process:
                 for line in process.stdout:
                     print(line, end="", flush=True)
                     lines.append(line)
             done = subprocess.CompletedProcess(command, process.returncode, "".join(lines), "")
         else:
-            done = subprocess.run(command, cwd=self.root, env=self.env(), capture_output=True, text=True)
+            done = subprocess.run(command, cwd=self.root, env=environment, capture_output=True, text=True)
         if check and done.returncode != 0:
             tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-15:])
             raise WorkspaceError(f"`{' '.join(command)}` failed with exit code {done.returncode} in {self.root}:\n"
@@ -253,9 +276,27 @@ class Workspace:
 
     def save_experiment(self, name: str, stages: list[str] | tuple[str, ...] = ()) -> None:
         """`dvc exp save -n NAME`: the workspace's params, metrics and outputs as an experiment on HEAD; `stages`
-        limits it to the stages a run made (the others' outputs may not be in this workspace)."""
+        limits it to the stages a run made (the others' outputs may not be in this workspace).
+
+        DVC's commit of it also holds its own scratch file (.dvc/tmp/repro.dat, the packed arguments of the save):
+        the experiment is committed again without it, so that an experiment holds what a run made and nothing else.
+        """
         self._ensure_git_identity()
         self.run("dvc", "exp", "save", "--force", "--name", name, *stages)
+        ref = next((r for r in self.run("git", "for-each-ref", "--format=%(refname)", "refs/exps").stdout.split()
+                    if r.rsplit("/", 1)[-1] == name), None)
+        scratch = ".dvc/tmp/repro.dat"
+        if ref is None or not self.run("git", "ls-tree", "--name-only", ref, scratch).stdout.strip():
+            return
+        index = {"GIT_INDEX_FILE": str(self.root / ".git" / "action3d-exp-index")}
+        self.run("git", "read-tree", ref, env=index)
+        self.run("git", "rm", "--cached", "--quiet", scratch, env=index)
+        tree = self.run("git", "write-tree", env=index).stdout.strip()
+        Path(index["GIT_INDEX_FILE"]).unlink(missing_ok=True)
+        message = self.run("git", "log", "-1", "--format=%B", ref).stdout
+        parents = [a for p in self.run("git", "log", "-1", "--format=%P", ref).stdout.split() for a in ("-p", p)]
+        commit = self.run("git", "commit-tree", tree, *parents, "-m", message.strip()).stdout.strip()
+        self.run("git", "update-ref", ref, commit)
 
     def push_experiment(self, name: str, git_remote: str = "origin", *, cache: bool = True) -> None:
         """`dvc exp push`: the experiment's git ref to `git_remote`; with `cache`, its outputs and the stages' run
@@ -269,6 +310,22 @@ class Workspace:
             self.run("git", "config", "user.name", "action3d worker")
 
     # ------------------------------------------------------------------------------------------- preflight
+
+    def check_tracking_store(self) -> str:
+        """The tracking store a run here would use, when it outlives this folder; else a WorkspaceError. A deployed
+        flow runs in a temporary clone: a sqlite store inside it (MLflow's default here, with no
+        MLFLOW_TRACKING_URI) would be deleted with the clone, and the run's MLflow runs and registrations lost."""
+        from action3d.project import shareable_uri, sqlite_path, tracking_uri
+
+        uri = tracking_uri(self.root)
+        db = sqlite_path(uri)
+        if db is not None and db.resolve().is_relative_to(self.root):
+            raise WorkspaceError(
+                f"this run would track into {db.name} inside the worker's temporary clone ({self.root}), which is "
+                "deleted when the run ends: its MLflow runs and registered versions would be lost. Start the worker "
+                "with MLFLOW_TRACKING_URI set to a store that outlives it: an MLflow server, or on the project's "
+                "own machine its sqlite file (`make worker` sets sqlite:///<project>/mlflow.db)")
+        return shareable_uri(uri, self.root)
 
     def check(self, *, overrides: list[str] | tuple[str, ...] = (), targets: list[str] | tuple[str, ...] = (),
               remote: bool = False) -> list[str]:

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.helpers import make_project_repo
+from tests.helpers import free_port, make_project_repo
 
 pytestmark = pytest.mark.integration
 
@@ -32,7 +32,7 @@ def test_no_api_url_says_how_to_start_a_server(repo):
     assert "PREFECT_API_URL is not set" in _deploy(repo, PREFECT_API_URL=None)
 
 
-def test_an_api_that_does_not_answer_is_named(repo, free_port):
+def test_an_api_that_does_not_answer_is_named(repo):
     url = f"http://127.0.0.1:{free_port()}/api"
     message = _deploy(repo, PREFECT_API_URL=url)
     assert f"the Prefect API at {url} does not answer" in message and "make prefect-server" in message
@@ -48,3 +48,23 @@ def test_a_repository_or_branch_workers_cannot_clone(repo, tmp_path):
 def test_a_missing_dvc_remote_when_required(repo):
     message = _deploy(repo, "--require-remote", PREFECT_API_URL=None)
     assert "no DVC remote is configured" in message and "action3d remote setup" in message
+
+
+def test_the_deployments_take_their_git_source_from_the_checkout_when_no_variable_is_set(repo, monkeypatch):
+    """What `prefect deploy --all` asks of prefect.yaml's build step when a user types it with nothing exported:
+    this checkout's origin (else its folder), its branch, paused schedules; a detached HEAD is named."""
+    from action3d.workspace import WorkspaceError, deploy_source
+
+    for name in ("ACTION3D_GIT_REPOSITORY", "ACTION3D_GIT_BRANCH", "ACTION3D_SCHEDULES_ACTIVE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(repo)
+    assert deploy_source() == {"repository": str(repo), "branch": "main", "schedules_active": False}
+    monkeypatch.setenv("ACTION3D_SCHEDULES_ACTIVE", "true")
+    monkeypatch.setenv("ACTION3D_GIT_REPOSITORY", "https://git.example.com/team/action3d.git")
+    assert deploy_source()["repository"].startswith("https://") and deploy_source()["schedules_active"] is True
+    subprocess.run(["git", "checkout", "-q", "--detach"], cwd=repo, check=True)
+    try:
+        with pytest.raises(WorkspaceError, match="detached HEAD.*ACTION3D_GIT_BRANCH"):
+            deploy_source()
+    finally:
+        subprocess.run(["git", "checkout", "-q", "main"], cwd=repo, check=True)

@@ -1,5 +1,8 @@
 """The pipeline flow on Prefect's ephemeral API (no server to set up), as `python flows/pipeline.py` runs it in a
-clone of the project: every stage through `dvc repro`, the run saved as a DVC experiment, and nothing run twice."""
+clone of the project: every stage through `dvc repro`, the run saved as a DVC experiment, and nothing run twice.
+
+The clone shares the DVC cache of the session's tiny pipeline, as workers share a remote's run cache: the stages
+that pipeline already ran with these inputs and knobs are restored, the rest (a changed learning rate) run."""
 
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ import sys
 
 import pytest
 
-from tests.helpers import make_project_repo
+from tests.helpers import make_project_repo, ran, run
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -37,10 +40,14 @@ def _find(node, name: str):
     return None
 
 
-def test_the_flow_runs_the_dvc_pipeline_as_an_experiment_then_runs_nothing(tmp_path):
+def test_the_flow_runs_the_dvc_pipeline_as_an_experiment_then_runs_nothing(tmp_path, pipeline):
     repo = make_project_repo(tmp_path / "repo")
+    run(repo, "dvc", "cache", "dir", "--local", str(pipeline.repo / ".dvc" / "cache"))
     first = _flow(repo, "--name", "first", "-S", "finetune.lr=0.02")
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    output = first.stdout + first.stderr
+    assert ran(output) == {"check", "finetune", "evaluate@finetune", "summary", "register"}  # the knob's stages
+    assert "Stage 'scratch@pretrain' is cached - skipping run" in output  # restored, as on a worker
     for which in ("finetune", "scratch"):
         metrics = json.loads((repo / f"runs/evaluate/{which}/metrics.json").read_text())
         rows = list(csv.DictReader(open(repo / f"runs/evaluate/{which}/predictions.csv")))
@@ -57,6 +64,10 @@ def test_the_flow_runs_the_dvc_pipeline_as_an_experiment_then_runs_nothing(tmp_p
     shown = subprocess.run([*dvc, "exp", "show", "--json"], cwd=repo, capture_output=True, text=True, check=True)
     first_exp = _find(json.loads(shown.stdout), "first")
     assert first_exp["data"]["params"]["params.yaml"]["data"]["finetune"]["lr"] == 0.02  # the override, recorded
+    ref = next(r for r in run(repo, "git", "for-each-ref", "--format=%(refname)", "refs/exps").stdout.split()
+               if r.endswith("/first"))
+    committed = run(repo, "git", "diff", "--name-only", "HEAD", ref).stdout.split()
+    assert committed == ["dvc.lock", "params.yaml"], committed  # no DVC output, no scratch file of DVC's
 
     lock, model = (repo / "dvc.lock").read_text(), (repo / "runs/finetune/model.pt").stat().st_mtime_ns
     again = _flow(repo, "--name", "again", "-S", "finetune.lr=0.02")
@@ -73,4 +84,4 @@ def test_a_bad_override_or_target_stops_the_flow_before_any_stage(tmp_path):
     target = _flow(repo, "--target", "pretrian")
     assert target.returncode != 0 and "no stage 'pretrian'" in target.stderr
     assert "Running stage" not in typo.stdout + typo.stderr + target.stdout + target.stderr
-    assert not (repo / "data/raw").exists()
+    assert not (repo / "data/demo").exists()

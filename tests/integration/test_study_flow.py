@@ -1,5 +1,6 @@
-"""The architecture study flow (flows/study.py) under Prefect's test harness, on a tiny project repository:
-two models side by side and one entry that fails while training, which becomes a failed row."""
+"""The architecture study flow (flows/study.py) under Prefect's test harness, on a tiny project repository that
+shares the session pipeline's DVC cache (so an entry restores the stages its knobs leave alone): an entry that
+trains, and one that fails its check, which becomes a failed row."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, make_project_repo
+from tests.helpers import ROOT, make_project_repo, run
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -44,11 +45,14 @@ def test_a_bad_entry_stops_the_study_before_anything_runs(tmp_path, harness, mon
     assert not (repo / ".dvc/tmp/study").exists()
 
 
-def test_the_study_runs_each_entry_through_dvc_and_collects_one_table(tmp_path, harness, monkeypatch):
+def test_the_study_runs_each_entry_through_dvc_and_collects_one_table(tmp_path, harness, monkeypatch, pipeline):
     repo = make_project_repo(tmp_path / "repo")
+    run(repo, "dvc", "cache", "dir", "--local", str(pipeline.repo / ".dvc" / "cache"))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    # r18 pretrains, then fails to fine-tune: a failed row that still has its model's size
-    entries = {"r10": ["model.name=resnet10"], "broken": ["model.name=resnet18", "finetune.ft_begin_module=no_such_layer"]}
+    # r10 pretrains for 3 epochs (and so fine-tunes anew); the broken entry fails its check: a failed row that still
+    # has its model's size
+    entries = {"r10": ["scratch.pretrain.epochs=3"],
+               "broken": ["model.name=resnet18", "finetune.ft_begin_module=no_such_layer"]}
     rows = _study_flow()(entries=entries, name="ci", root=str(repo))
 
     by_entry = {row["entry"]: row for row in rows}
@@ -82,12 +86,11 @@ def test_the_study_runs_each_entry_through_dvc_and_collects_one_table(tmp_path, 
     assert study_run.data.tags["failed"] == "broken"
     # every entry's runs went to the project's store (not a store of its clone), nested under the study's run
     runs = client.search_runs([experiment.experiment_id])
-    assert {"pretrain", "finetune", "scratch", "study"} <= {r.data.tags["stage"] for r in runs}
-    for name in entries:
-        mine = [r for r in runs if r.data.tags.get("study_entry") == name]
-        assert mine and all(r.data.tags["mlflow.parentRunId"] == study_run.info.run_id for r in mine)
-    assert {r.data.tags["stage"] for r in runs if r.data.tags.get("study_entry") == "r10"} >= {"pretrain", "finetune"}
-    assert {r.data.tags["stage"] for r in runs if r.data.tags.get("study_entry") == "broken"} == {"pretrain"}
+    mine = [r for r in runs if r.data.tags.get("study_entry") == "r10"]
+    assert mine and all(r.data.tags["mlflow.parentRunId"] == study_run.info.run_id for r in mine)
+    assert {r.data.tags["stage"] for r in mine} == {"scratch@pretrain", "finetune", "evaluate"}  # what it ran
+    assert not [r for r in runs if r.data.tags.get("study_entry") == "broken"]  # stopped before any stage ran
+    assert "no_such_layer" in by_entry["broken"]["error"] and "finetune.ft_begin_module" in by_entry["broken"]["error"]
 
     # the written report of the study: each entry's runs as rows, with the numbers its evaluate stage measured
     subprocess.run([sys.executable, "-m", "action3d.cli", "report", "--study", "ci"], cwd=repo, check=True,
@@ -95,4 +98,4 @@ def test_the_study_runs_each_entry_through_dvc_and_collects_one_table(tmp_path, 
     report = (repo / "reports/README.md").read_text()
     row = next(line for line in report.splitlines() if line.startswith("| r10: fine-tuned from pretraining |"))
     assert f"| {100 * by_entry['r10']['finetune.video_top1']:.1f} |" in row
-    assert "| broken: pretrained (large set) | resnet18 |" in report
+    assert "| r10: from scratch on the large set (pretraining) | resnet10 |" in report
