@@ -151,7 +151,7 @@ def build_data(work: Path, params, sizes: list[Size], args) -> int:
     started = time.perf_counter()
     if not (raw / "kinetics_train.csv").exists():
         synth_kinetics(raw, classes=classes, train_per_class=per_class, val_per_class=0, test_per_class=0,
-                       looks=s.looks, seed=s.seed, width=s.width, height=s.height, fps=s.fps, seconds=s.seconds,
+                       seed=s.seed, width=s.width, height=s.height, fps=s.fps, seconds=s.seconds,
                        gop=s.gop, crf=s.crf, progress=False)
     if not (splits / "train.csv").exists():
         build_manifests("kinetics", raw, splits, val_fraction=0.0, progress=False)

@@ -27,9 +27,10 @@ CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing
 
 # The project's params.yaml with the demo shrunk to seconds of work: every stage runs for real.
 TINY = [
-    "synth.width=64", "synth.height=48", "synth.seconds=1.0", "synth.crf=28", "synth.looks=2",
+    "synth.width=64", "synth.height=48", "synth.seconds=1.0", "synth.crf=28", "synth.sets.pretrain.looks=2",
     "synth.sets.pretrain.classes=3", "synth.sets.pretrain.train_per_class=3", "synth.sets.pretrain.val_per_class=1",
-    "synth.sets.pretrain.test_per_class=1", "synth.sets.finetune.classes=3", "synth.sets.finetune.clips_per_group=1",
+    "synth.sets.pretrain.test_per_class=1", "synth.sets.finetune.classes=3", "synth.sets.finetune.groups=10",
+    "synth.sets.finetune.test_groups=3", "synth.sets.finetune.clips_per_group=1",
     "cache.short_side=40", "clip.crop_size=32", "clip.frames=8", "split.min_frames=8", "split.probe=false",
     "scratch.pretrain.epochs=2", "scratch.pretrain.batch_size=4", "scratch.pretrain.workers=0",
     "scratch.finetune.batch_size=4", "scratch.finetune.workers=0",

@@ -45,12 +45,14 @@ class SynthPretrain(Section):
     train_per_class: int = 16
     val_per_class: int = 3
     test_per_class: int = 3
+    looks: int = Field(25, ge=1)
 
 
 class SynthFinetune(Section):
     classes: int = 7
     groups: int = 25
     clips_per_group: int = 1
+    test_groups: int | None = None
 
 
 class SynthSets(Section):
@@ -62,7 +64,6 @@ class SynthSets(Section):
 
 class Synth(Section):
     seed: int = 0
-    looks: int = 8
     width: int = 320
     height: int = 240
     fps: int = 25

@@ -322,6 +322,7 @@ class ServePolicy:
 
 NOT_READABLE = ("not a file this server may read: send the video's bytes as video_b64 (the operator allows paths "
                 "and s3:// URIs under ACTION3D_SERVE_ROOTS)")
+NO_VIDEO = "each row needs a 'video_b64' (the file, base64) or a 'video' the server may read"
 
 
 def _source(row: dict, policy: ServePolicy) -> io.BytesIO | Path:
@@ -336,7 +337,7 @@ def _source(row: dict, policy: ServePolicy) -> io.BytesIO | Path:
         except (binascii.Error, ValueError):
             raise PredictError("video_b64 is not base64: send the file's bytes base64-encoded") from None
     if not isinstance(video, str) or not video:
-        raise PredictError("each row needs a 'video_b64' (the file, base64) or a 'video' the server may read")
+        raise PredictError(NO_VIDEO)
     if video.startswith("s3://"):
         if not policy.allows_s3(video):
             raise PredictError(NOT_READABLE)
@@ -379,6 +380,8 @@ def answer_rows(classifier: Classifier, rows: list[dict], params: dict, policy: 
         topk = 0
     if topk < 1:
         return [_error("params.topk must be a whole number >= 1")] * max(1, len(rows))
+    if not rows:  # MLflow drops the columns its signature does not name: a request without ours arrives empty
+        return [_error(NO_VIDEO)]
     if len(rows) > policy.max_rows:
         return [_error(f"the request holds {len(rows)} rows, over the limit of {policy.max_rows}: send fewer videos "
                        "per request")] * len(rows)

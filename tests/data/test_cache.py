@@ -128,8 +128,9 @@ def test_a_truncated_video_is_cached_and_reported(ucf_root, copy_of, tmp_path, t
     whole = tiny_video(root / cut, frames=50).read_bytes()
     (root / cut).write_bytes(whole[: int(len(whole) * 0.9)])  # the last tenth of the file is gone
 
-    params = load_params(Path(__file__).resolve().parents[2] / "params.yaml", ["cache.short_side=24"])
-    args = dict(manifests_dir=tmp_path / "splits", data_root=root, out_dir=tmp_path / "cache", workers=1)
+    params = load_params(Path(__file__).resolve().parents[2] / "params.yaml",
+                         ["cache.short_side=24", f"data.finetune.path={root}", "data.finetune.layout=ucf101"])
+    args = dict(role="finetune", manifests=tmp_path / "splits", out=tmp_path / "cache")
     metrics = cache_stage.run(params, **args)
     assert metrics["truncated"] == 1 and metrics["unreadable"] == 0 and metrics["built"] == metrics["videos"]
     frames = read_index(tmp_path / "cache")[cut].frames

@@ -98,6 +98,30 @@ def test_same_bytes_whatever_the_heap_holds(tmp_path):
         assert [_md5(tmp_path / "a" / r) for r in rel] == [_md5(tmp_path / other / r) for r in rel], other
 
 
+def test_no_fine_tuning_scene_is_ever_shown_in_pretraining(tmp_path):
+    """A clean transfer test: the pretraining set draws its scenes from a bank the fine-tuning set never uses, and
+    each fine-tuning group has a scene of its own. Seen in the pixels: a video's background (the median of its
+    frames: the sprites move, the scene stays) is far closer to its sibling clip's than to any pretraining
+    video's, or any other group's."""
+    pre = synth_kinetics(tmp_path / "k", classes=2, train_per_class=4, val_per_class=1, test_per_class=1, looks=3,
+                         **TINY)
+    fine = synth_ucf101(tmp_path / "u", classes=2, groups=4, clips_per_group=2, test_groups=2, **TINY)
+    assert not set(pre["scenes"].values()) & set(fine["scenes"].values())
+    assert len(set(pre["scenes"].values())) == 3 and len(set(fine["scenes"].values())) == 4  # one per group
+    assert fine["test_groups"] == [[1, 2], [3, 4], [1, 2]]
+
+    def background(path):
+        return np.median(read_frames(path)[0].astype(np.float32), axis=0)
+
+    pretraining = [background(tmp_path / "k" / rel) for rel in pre["scenes"]]
+    fine_tuning = {rel: (scene, background(tmp_path / "u" / rel)) for rel, scene in fine["scenes"].items()}
+    for rel, (scene, image) in fine_tuning.items():
+        sibling = max(np.abs(image - other).mean() for r, (s, other) in fine_tuning.items() if s == scene and r != rel)
+        nearest_pretraining = min(np.abs(image - other).mean() for other in pretraining)
+        nearest_group = min(np.abs(image - other).mean() for s, other in fine_tuning.values() if s != scene)
+        assert nearest_pretraining > 1.5 * sibling and nearest_group > 1.5 * sibling, rel
+
+
 def test_regenerating_replaces_only_its_own_folder(tmp_path):
     synth_kinetics(tmp_path / "k", classes=2, train_per_class=1, val_per_class=0, test_per_class=0, **TINY)
     synth_kinetics(tmp_path / "k", classes=3, train_per_class=1, val_per_class=0, test_per_class=0, **TINY)
@@ -114,6 +138,8 @@ def test_bad_knobs_are_refused(tmp_path):
         synth_ucf101(tmp_path / "u", classes=len(FINETUNE_CLASSES) + 1, **TINY)
     with pytest.raises(ValueError, match="even"):
         synth_ucf101(tmp_path / "u", classes=2, **{**TINY, "width": 63})
+    with pytest.raises(ValueError, match="test_groups must be between 1 and groups - 1"):
+        synth_ucf101(tmp_path / "u", classes=2, groups=4, test_groups=4, **TINY)
 
 
 @pytest.mark.parametrize("name", list(PRETRAIN_CLASSES) + list(FINETUNE_CLASSES))

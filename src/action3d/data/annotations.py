@@ -141,8 +141,9 @@ def _find(root: Path, names: Iterable[str], what: str) -> Path:
     names = list(names)
     found = _lookup(root, names)
     if found is None:
+        looked = "" if names == [what] else f" (looked for {', '.join(names)})"
         raise AnnotationError(f"no {what} in {root} or its {', '.join(f + '/' for f in _ANNOTATION_FOLDERS if f)} "
-                              f"folders (looked for {', '.join(names)}): put the layout's files there")
+                              f"folders{looked}: put the layout's files there")
     return found
 
 

@@ -675,7 +675,7 @@ def synth_kinetics(
     train_per_class: int = 16,
     val_per_class: int = 3,
     test_per_class: int = 3,
-    looks: int = 8,
+    looks: int = 25,
     seed: int = 0,
     width: int = 320,
     height: int = 240,
@@ -691,11 +691,13 @@ def synth_kinetics(
     Layout: `kinetics_{train,val,test}.csv` (header `label,youtube_id,time_start,time_end,split`) and videos at
     `<split>/<label>/<youtube_id>_<start:06d>_<end:06d>.mp4`. Labels are the first `classes` names of
     `PRETRAIN_CLASSES` (lower case with spaces, like Kinetics'). Each video is set in one of the `looks` scenes of
-    the bank (`look_seed`), drawn at random whatever its class. Same arguments, same bytes.
+    the pretraining bank, drawn at random whatever its class; no fine-tuning set ever shows one of them. Same
+    arguments, same bytes.
     """
     frames = _check_size(width, height, fps, seconds)
     names = _pick(PRETRAIN_CLASSES, classes, "synth_kinetics")
-    _check_looks(looks)
+    if looks < 1:
+        raise ValueError(f"looks must be at least 1; got {looks}")
     params = dict(layout="kinetics", classes=classes, train_per_class=train_per_class, val_per_class=val_per_class,
                   test_per_class=test_per_class, looks=looks, seed=seed, width=width, height=height, fps=fps,
                   seconds=seconds, gop=gop, crf=crf)
@@ -710,7 +712,7 @@ def synth_kinetics(
                     start = int(ids.integers(0, 300))
                     end = start + int(math.ceil(seconds))
                     rel = f"{split}/{label}/{yid}_{start:06d}_{end:06d}.mp4"
-                    look = look_seed(seed, int(ids.integers(looks)))
+                    look = scene_seed(seed, PRETRAIN_BANK, int(ids.integers(looks)))
                     motion = (seed, 12, split_no, c, i)
                     jobs.append(VideoJob(str(out / rel), label, look, motion, width, height, frames, fps, gop))
                     rows[split].append(f"{label},{yid},{start},{end},{split}")
@@ -719,44 +721,43 @@ def synth_kinetics(
             write_atomic_text(out / f"kinetics_{split}.csv", text)
         jobs = [dataclasses.replace(j, crf=crf) for j in jobs]
         run_jobs(jobs, workers=workers, desc="synth kinetics", progress=progress)
+        scenes = _scenes(jobs, out)
     counts = {f"{split}_videos": len(lines) for split, lines in rows.items()}
-    return {"root": str(root), "classes": names, "videos": len(jobs), **counts}
+    return {"root": str(root), "classes": names, "videos": len(jobs), **counts, "scenes": scenes}
 
 
-def _test_groups(groups: int) -> list[list[int]]:
-    """Test groups (1-based) of splits 1, 2, 3: consecutive blocks of about 7/25 of the groups, as in UCF-101.
-
-    Groups after the third block are always in training (UCF-101's g22-g25).
-    """
-    size = max(1, round(groups * 7 / 25))
+def _test_groups(groups: int, test_groups: int | None) -> list[list[int]]:
+    """Test groups (1-based) of splits 1, 2, 3: consecutive blocks of `test_groups` groups (default about 7/25 of
+    them, as in UCF-101, where split 1 tests g1-g7 and g22-g25 always train)."""
     if groups < 2:
         raise ValueError(f"groups must be at least 2 (one to train, one to test); got {groups}")
-    blocks = []
-    for s in range(3):
-        start = (s * size) % groups
-        block = [(start + k) % groups + 1 for k in range(size)]
-        blocks.append(block if len(block) < groups else block[:1])
-    return blocks
+    size = max(1, round(groups * 7 / 25)) if test_groups is None else test_groups
+    if not 1 <= size < groups:
+        raise ValueError(f"test_groups must be between 1 and groups - 1 ({groups - 1}); got {size}")
+    return [[(s * size + k) % groups + 1 for k in range(size)] for s in range(3)]
 
 
-def look_seed(seed: int, k: int) -> tuple[int, ...]:
-    """The seed of scene k of the bank: the same for every set made with the same `seed`."""
-    return (seed, 7, k)
+PRETRAIN_BANK, FINETUNE_BANK = 7, 8  # the two scene banks: no scene of one is in the other
 
 
-def _check_looks(looks: int) -> None:
-    if looks < 1:
-        raise ValueError(f"looks must be at least 1; got {looks}")
+def scene_seed(seed: int, bank: int, k: int) -> tuple[int, ...]:
+    """The seed of scene k of a bank: the same for every set made with the same `seed`."""
+    return (seed, bank, k)
+
+
+def _scenes(jobs: Sequence[VideoJob], root: Path) -> dict[str, tuple[int, ...]]:
+    """Each video's scene (the seed it is drawn from), by its path under `root`: which scenes a set shows."""
+    return {Path(j.path).relative_to(root).as_posix(): j.look_seed for j in jobs}
 
 
 def _grouped_jobs(
     out: Path, names: list[str], groups: int, clips: int, seed: int, set_id: int,
-    relpath: Callable[[str, int, int], str], width: int, height: int, frames: int, fps: int, gop: int, looks: int,
+    relpath: Callable[[str, int, int], str], width: int, height: int, frames: int, fps: int, gop: int,
 ) -> list[VideoJob]:
     jobs = []
     for c, name in enumerate(names):
         for g in range(1, groups + 1):
-            look = look_seed(seed, (g - 1) % looks)  # group g is set in one scene, in every class
+            look = scene_seed(seed, FINETUNE_BANK, g)  # group g: its own scene, in every class, never pretrained on
             for k in range(1, clips + 1):
                 motion = (seed, set_id, c, g, k)
                 path = str(out / relpath(name, g, k))
@@ -770,7 +771,7 @@ def synth_ucf101(
     classes: int = 7,
     groups: int = 7,
     clips_per_group: int = 3,
-    looks: int = 8,
+    test_groups: int | None = None,
     seed: int = 0,
     width: int = 320,
     height: int = 240,
@@ -785,19 +786,17 @@ def synth_ucf101(
 
     Layout: `<Class>/v_<Class>_gNN_cMM.avi` (H.264 in AVI), `classInd.txt` (`1 Class`, CRLF as the official
     files), `trainlist0{1,2,3}.txt` (`Class/v_Class_g05_c01.avi 1`), `testlist0{1,2,3}.txt` (path only). Group g
-    is set in scene (g - 1) mod `looks` of the bank in every class, so its clips share background and actors;
-    split s tests one block of groups and trains on the others.
+    is set in scene g of the fine-tuning bank in every class, so its clips share background and actors; split s
+    tests one block of `test_groups` groups and trains on the others.
     """
     frames = _check_size(width, height, fps, seconds)
-    _check_looks(looks)
     names = _pick(FINETUNE_CLASSES, classes, "synth_ucf101")
-    params = dict(layout="ucf101", classes=classes, groups=groups, clips_per_group=clips_per_group, looks=looks,
-                  seed=seed,
-                  width=width, height=height, fps=fps, seconds=seconds, gop=gop, crf=crf)
-    blocks = _test_groups(groups)
+    params = dict(layout="ucf101", classes=classes, groups=groups, clips_per_group=clips_per_group,
+                  test_groups=test_groups, seed=seed, width=width, height=height, fps=fps, seconds=seconds, gop=gop, crf=crf)
+    blocks = _test_groups(groups, test_groups)
     rel = lambda name, g, k: f"{name}/v_{name}_g{g:02d}_c{k:02d}.avi"  # noqa: E731
     with _Staging(root, params) as out:
-        jobs = _grouped_jobs(out, names, groups, clips_per_group, seed, 21, rel, width, height, frames, fps, gop, looks)
+        jobs = _grouped_jobs(out, names, groups, clips_per_group, seed, 21, rel, width, height, frames, fps, gop)
         write_atomic_text(out / "classInd.txt", "".join(f"{i} {n}\r\n" for i, n in enumerate(names, 1)))
         for s, test in enumerate(blocks, 1):
             train_lines, test_lines = [], []
@@ -812,7 +811,8 @@ def synth_ucf101(
             write_atomic_text(out / f"testlist{s:02d}.txt", "".join(test_lines))
         jobs = [dataclasses.replace(j, crf=crf) for j in jobs]
         run_jobs(jobs, workers=workers, desc="synth ucf101", progress=progress)
-    return {"root": str(root), "classes": names, "videos": len(jobs), "test_groups": blocks}
+        scenes = _scenes(jobs, out)
+    return {"root": str(root), "classes": names, "videos": len(jobs), "test_groups": blocks, "scenes": scenes}
 
 
 def synth_hmdb51(
@@ -821,7 +821,7 @@ def synth_hmdb51(
     classes: int = 7,
     groups: int = 7,
     clips_per_group: int = 3,
-    looks: int = 8,
+    test_groups: int | None = None,
     seed: int = 0,
     width: int = 320,
     height: int = 240,
@@ -839,17 +839,15 @@ def synth_hmdb51(
     2 test, 0 unused: one training group per split is left unused when there are at least 5 groups).
     """
     frames = _check_size(width, height, fps, seconds)
-    _check_looks(looks)
     camel = _pick(FINETUNE_CLASSES, classes, "synth_hmdb51")
     names = ["".join(f"_{ch.lower()}" if ch.isupper() else ch for ch in n).lstrip("_") for n in camel]
-    params = dict(layout="hmdb51", classes=classes, groups=groups, clips_per_group=clips_per_group, looks=looks,
-                  seed=seed,
-                  width=width, height=height, fps=fps, seconds=seconds, gop=gop, crf=crf)
-    blocks = _test_groups(groups)
+    params = dict(layout="hmdb51", classes=classes, groups=groups, clips_per_group=clips_per_group,
+                  test_groups=test_groups, seed=seed, width=width, height=height, fps=fps, seconds=seconds, gop=gop, crf=crf)
+    blocks = _test_groups(groups, test_groups)
     rel = lambda name, g, k: f"{name}/{name}_v{g:02d}_{k}.avi"  # noqa: E731
     with _Staging(root, params) as out:
         jobs = _grouped_jobs(out, camel, groups, clips_per_group, seed, 31,
-                             lambda n, g, k: rel(names[camel.index(n)], g, k), width, height, frames, fps, gop, looks)
+                             lambda n, g, k: rel(names[camel.index(n)], g, k), width, height, frames, fps, gop)
         for s, test in enumerate(blocks, 1):
             unused = next((g for g in range(groups, 0, -1) if g not in test), None) if groups >= 5 else None
             for name in names:
@@ -860,4 +858,5 @@ def synth_hmdb51(
                 write_atomic_text(out / "splits" / f"{name}_test_split{s}.txt", "".join(lines))
         jobs = [dataclasses.replace(j, crf=crf) for j in jobs]
         run_jobs(jobs, workers=workers, desc="synth hmdb51", progress=progress)
-    return {"root": str(root), "classes": names, "videos": len(jobs), "test_groups": blocks}
+        scenes = _scenes(jobs, out)
+    return {"root": str(root), "classes": names, "videos": len(jobs), "test_groups": blocks, "scenes": scenes}

@@ -23,7 +23,7 @@ def run(params: Params, *, role: Role, out: str | Path, ctx: RunContext | None =
                             f"writes ({', '.join(MAKERS)}): remove synth.sets.{role}, or set both")
     s = params.synth
     made = getattr(synthetic, MAKERS[layout])(
-        out, **knobs.model_dump(), looks=s.looks, seed=s.seed, width=s.width, height=s.height, fps=s.fps,
+        out, **knobs.model_dump(), seed=s.seed, width=s.width, height=s.height, fps=s.fps,
         seconds=s.seconds, gop=s.gop, crf=s.crf,
     )  # fmt: skip
     return {"videos": made["videos"], "classes": len(made["classes"])}
