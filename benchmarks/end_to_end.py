@@ -54,7 +54,7 @@ import torch
 from torch import nn
 
 from action3d import engine
-from training import device_name  # benchmarks/training.py: the script's folder is on sys.path
+from training import cpu_kind  # benchmarks/training.py: the script's folder is on sys.path
 from action3d.atomic import write_atomic_text
 from action3d.config import load_params
 from action3d.data.annotations import build_manifests
@@ -362,7 +362,7 @@ def main(argv=None) -> dict:
         del trainer
 
     report = {
-        "setup": {"device": str(device), "cpu": device_name(torch.device("cpu")), "cpu_count": os.cpu_count(),
+        "setup": {"device": str(device), "cpu": cpu_kind(), "cpu_count": os.cpu_count(),
                   "threads": torch.get_num_threads(), "torch": torch.__version__, "python": sys.version.split()[0],
                   "videos": args.videos, "classes": n_classes, "video_seconds": params.synth.seconds,
                   "video_size": [params.synth.width, params.synth.height], "repeats": args.repeats,
@@ -401,7 +401,7 @@ def markdown_table(report: dict) -> str:
                     f"{1e3 * t['log_epoch_s']:.0f} ms | {100 * t['log_epoch_fraction']:.2f}% | {shown} |")
     s = report["setup"]
     rows.append("")
-    rows.append(f"Goal (issue 14): tracking <= 2% of training time. ({s['videos']} videos of "
+    rows.append(f"Goal: tracking <= 2% of training time. ({s['videos']} videos of "
                 f"{s['video_seconds']} s, {s['cpu_count']} cores, {s['threads']} threads, torch {s['torch']}, "
                 f"median of {s['repeats']} rounds; mlflow import {s['mlflow_import_s']:.1f} s and store creation "
                 f"{s['mlflow_store_create_s']:.1f} s are one-offs, not counted)")

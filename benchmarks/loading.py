@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import statistics
 import sys
@@ -42,6 +41,7 @@ from action3d.data.loaders import ClipDataset, load_records
 from action3d.data.synthetic import synth_kinetics
 from action3d.data.transforms import KINETICS_MEAN, KINETICS_STD, EvalPreset
 from action3d.data.video import write_atomic_text
+from training import cpu_kind  # benchmarks/training.py: the script's folder is on sys.path
 
 HERE = Path(__file__).resolve().parent
 
@@ -253,7 +253,7 @@ def main(argv=None) -> dict:
                   "crop": args.crop, "cache_short_side": args.short_side, "cache_quality": args.cache_quality,
                   "jpeg_quality": args.jpeg_quality,
                   "workers": args.workers, "repeats": args.repeats, "clips_per_repeat": args.clips,
-                  "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                  "cpu": cpu_kind(), "cores": os.cpu_count(),
                   "torch": torch.__version__, "python": sys.version.split()[0],
                   "cache_index_entries": len(index)},
         "results": results,

@@ -639,6 +639,12 @@ def cpu_flags(device: torch.device) -> list[str]:
     return sorted(f for f in flags if f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"))
 
 
+def cpu_kind() -> str:
+    """This machine's CPU and the vector extensions that decide its speeds: every benchmark's JSON names it."""
+    cpu = torch.device("cpu")
+    return f"{device_name(cpu)} ({', '.join(cpu_flags(cpu)) or 'no AVX2'})"
+
+
 def make_report(setup: dict, peaks: dict, results: dict, kind: str, *, complete: bool, seconds: float) -> dict:
     """The JSON: setup, peaks, per-model results and the goal: where bf16 is native, the per-layer recipe (or, on
     a GPU, ours) >= GOALS x the reference for resnet18 at 16x112x112 with every convolution right; where it is

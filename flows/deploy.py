@@ -3,7 +3,7 @@
     PREFECT_API_URL=http://127.0.0.1:4200/api python flows/deploy.py [--repository URL] [--branch NAME] [--active]
 
 Before `prefect --no-prompt deploy --all` runs, each of these stops it with one message that says what to do:
-PREFECT_API_URL unset or not answering, a work pool of prefect.yaml that does not exist on that server, a git
+a deployment whose targets are not stages of dvc.yaml, PREFECT_API_URL unset or not answering, a work pool of prefect.yaml that does not exist on that server, a git
 repository workers cannot clone or a branch it does not have, and (with --require-remote) a project without a
 reachable DVC remote. Workers clone --repository at --branch (default: this folder and its current branch, for
 trying it all on one machine); push your branch first when workers run elsewhere.
@@ -53,11 +53,20 @@ def check_pools(pools: set[str], url: str) -> None:
                                      f"`prefect work-pool create {pool} --type process` (or `make worker`)") from None
 
 
-def pools_of(prefect_yaml: Path) -> set[str]:
+def deployments_of(prefect_yaml: Path) -> list[dict]:
     import yaml
 
-    spec = yaml.safe_load(prefect_yaml.read_text()) or {}
-    return {d["work_pool"]["name"] for d in spec.get("deployments", []) if d.get("work_pool")}
+    return (yaml.safe_load(prefect_yaml.read_text()) or {}).get("deployments", [])
+
+
+def check_targets(deployments: list[dict], ws: Workspace) -> None:
+    """Every stage a deployment targets is a stage of dvc.yaml (a renamed stage would fail only at its first run)."""
+    for deployment in deployments:
+        targets = (deployment.get("parameters") or {}).get("targets") or []
+        try:
+            ws.stages(targets)
+        except WorkspaceError as err:
+            raise WorkspaceError(f"deployment {deployment.get('name')!r} of prefect.yaml targets {err}") from None
 
 
 def check_git(repository: str, branch: str) -> None:
@@ -80,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         ws = Workspace(ROOT)
+        deployments = deployments_of(ROOT / "prefect.yaml")
+        check_targets(deployments, ws)
         branch = args.branch or ws.run("git", "branch", "--show-current").stdout.strip()
         if not branch:
             raise WorkspaceError("this checkout is on no branch (a detached HEAD): workers clone a branch. Check one "
@@ -88,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
             ws.check_remote(shared=True)
         check_git(args.repository, branch)
         url = check_api()
-        check_pools(pools_of(ROOT / "prefect.yaml"), url)
+        check_pools({d["work_pool"]["name"] for d in deployments if d.get("work_pool")}, url)
     except Action3dError as err:
         print(f"action3d: error: {err}", file=sys.stderr)
         return 2

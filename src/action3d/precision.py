@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 TOLERANCE = 0.05  # relative error of a layer's bf16 result against fp32: ~3e-3 when right, ~1 or inf when not
-TIMED_BATCH = 2  # clips per timed pass: the ratio of the two precisions, not the step time, is what is measured
+TIMED_BATCH = 4  # clips per timed pass: the ratio of the two precisions, not the step time, is what is measured
+TIMED_REPEATS = 3  # the best of these after a warm-up: other processes only ever slow a pass down
 
 # A distinct convolution: (input shape without the batch, weight shape, stride, padding, dilation, groups).
 Signature = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], tuple[int, ...], tuple[int, ...], int]
@@ -111,7 +112,7 @@ def _sync(device: torch.device) -> None:
 
 
 def time_layer(sig: Signature, dtype: torch.dtype, *, device: torch.device, channels_last: bool,
-               kernel: Kernel = conv_forward_backward, repeats: int = 2) -> float:
+               kernel: Kernel = conv_forward_backward, repeats: int = TIMED_REPEATS) -> float:
     """Seconds of one forward + backward of the convolution in `dtype`, at TIMED_BATCH clips: the best of
     `repeats` after one warm-up."""
     fmt = torch.channels_last_3d if channels_last else torch.contiguous_format

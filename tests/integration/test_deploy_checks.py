@@ -28,6 +28,15 @@ def _deploy(repo, *args, **env_changes):
     return done.stderr
 
 
+def test_a_deployment_targeting_a_stage_dvc_yaml_lacks_is_named(tmp_path):
+    repo = make_project_repo(tmp_path / "repo")
+    spec = (repo / "prefect.yaml").read_text()
+    (repo / "prefect.yaml").write_text(spec.replace('targets: ["scratch@pretrain"]', "targets: [pretrain]"))
+    said = _deploy(repo, PREFECT_API_URL=None)
+    assert "deployment 'weekly-pretrain' of prefect.yaml targets no stage 'pretrain'" in said
+    assert "scratch@pretrain" in said  # the stages there are listed
+
+
 def test_no_api_url_says_how_to_start_a_server(repo):
     assert "PREFECT_API_URL is not set" in _deploy(repo, PREFECT_API_URL=None)
 

@@ -14,7 +14,7 @@ from tests.helpers import ROOT, make_project_repo
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-def test_a_bad_override_or_target_stops_the_flow_before_any_stage(tmp_path, monkeypatch, capsys):
+def test_a_bad_override_or_target_stops_the_flow_before_any_stage(tmp_path, monkeypatch):
     from prefect.testing.utilities import prefect_test_harness
 
     repo = make_project_repo(tmp_path / "repo")
@@ -27,5 +27,5 @@ def test_a_bad_override_or_target_stops_the_flow_before_any_stage(tmp_path, monk
             module.pipeline(overrides=["finetune.lrr=0.1"], root=str(repo))
         with pytest.raises(WorkspaceError, match="no stage 'scratch@pretrian'.*scratch@pretrain"):
             module.pipeline(targets=["scratch@pretrian"], root=str(repo))
-    assert "Running stage" not in capsys.readouterr().out
-    assert not (repo / "data/demo").exists() and not (repo / "runs").exists()
+    # (no capsys here: Prefect's log handler keeps the stream it first sees, and capsys closes its own)
+    assert not (repo / "data/demo").exists() and not (repo / "runs").exists()  # no stage ran
