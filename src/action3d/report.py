@@ -100,6 +100,16 @@ def overfitting_lines(runs: Path) -> list[str]:
     return lines
 
 
+def gain_verdict(low: float, high: float, p: float) -> str:
+    """Whether the paired difference is shown: both tests must say so, the bootstrap interval over the same test
+    videos (it excludes 0) and McNemar's exact test on the videos the two models disagree on (p < 0.05)."""
+    if low <= 0 <= high:
+        return "the difference is NOT shown: its interval holds 0"
+    if p >= 0.05:
+        return "the difference is NOT clearly shown: its interval excludes 0, but McNemar p >= 0.05"
+    return "the difference is shown (its interval excludes 0, McNemar p < 0.05)"
+
+
 def findings(runs: Path) -> list[str]:
     """(a) to (d) as lines; [] when the pipeline has not run yet."""
     summary, tuned = _read(runs / "metrics.json"), _read(runs / "evaluate" / "finetune" / "metrics.json")
@@ -118,13 +128,11 @@ def findings(runs: Path) -> list[str]:
                      f"{_interval(ft.get('time_shuffled_video_top1_low'), ft.get('time_shuffled_video_top1_high'))}"
                      f": {motion_verdict(ft['video_top1'], shuffled, chance)}")
     gain, low, high = summary["transfer_gain"], summary["transfer_gain_low"], summary["transfer_gain_high"]
-    shown = ("the gain is shown (its interval excludes 0)" if low > 0 or high < 0 else
-             "the difference is NOT shown: its interval holds 0")
     lines += [f"  (c) from scratch (the baseline)   video top-1 {_pct(sc['video_top1'])}"
               f"{_interval(sc.get('video_top1_low'), sc.get('video_top1_high'))}; "
               f"{fit_verdict((base or {}).get('train_video_top1'))}",
               f"      pretraining is worth {100 * gain:+.1f} points{_interval(low, high, points=True)}, McNemar "
-              f"p = {summary['transfer_gain_p']:.2g}: {shown}"]
+              f"p = {summary['transfer_gain_p']:.2g}: {gain_verdict(low, high, summary['transfer_gain_p'])}"]
     rq1 = overfitting_lines(runs)
     if rq1:
         lines += ["  (d) overfitting, trained from scratch:", *rq1]
