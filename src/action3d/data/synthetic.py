@@ -482,9 +482,9 @@ def _rhythm(kind: str, rng: np.random.Generator, n: int) -> np.ndarray:
     """
     t = np.arange(n)
     # slow and fast are far enough apart in angle that no spoke count or radius gives them the same pixel speed
-    # (slow at most 9.4 u per frame, fast at least 12.7 u): only the turn rate tells them apart, never the wheel
+    # (slow at most 9.8 u per frame, fast at least 12.7 u); slow still turns a period in 16 frames (15 steps)
     if kind == "slow":
-        return _const(n, rng.uniform(0.065, 0.075))
+        return _const(n, rng.uniform(0.068, 0.078))
     if kind == "fast":
         return _const(n, rng.uniform(0.22, 0.25))
     if kind == "stopgo":  # bursts at the fast speed, then still
