@@ -81,10 +81,11 @@ def _cmd_tune(args) -> dict | None:
 
 
 def _cmd_predict(args) -> int | None:
-    from action3d.predict import format_predictions, load, predict_files, to_json
+    from action3d.predict import format_predictions, predict_files, to_json
+    from action3d.tracking.registry import load_classifier
 
     spec = args.model or f"models:/{_params(args).registry.model_name}@champion"  # this project's champion
-    results = predict_files(load(spec), args.videos, topk=args.topk)
+    results = predict_files(load_classifier(spec), args.videos, topk=args.topk)
     print(to_json(results) if args.json else format_predictions(results, timeline=args.timeline))
     failed = [r.video for r in results if r.error]
     if failed:

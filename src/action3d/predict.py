@@ -202,22 +202,12 @@ class Classifier:
                           windows)
 
 
-def load(spec: str, *, tracking_uri: str | None = None) -> Classifier:
-    """A classifier from `models:/<name>@<alias>`, `models:/<name>/<version>` or a checkpoint file."""
-    if spec.startswith("models:/"):
-        import tempfile
-
-        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one small file: no bar
-        from action3d.project import tracking_uri as default_uri
-        from action3d.tracking.registry import download_version_checkpoint
-
-        with tempfile.TemporaryDirectory(prefix="action3d-model-") as folder:
-            path = download_version_checkpoint(spec, tracking_uri=tracking_uri or default_uri(), dst=folder)
-            return Classifier.from_file(path, source=spec)
-    if not Path(spec).is_file():
-        raise PredictError(f"--model {spec}: no such file. Give a checkpoint (runs/finetune/model.pt) or a registered "
+def load(path: str) -> Classifier:
+    """A classifier from a checkpoint file (a registered model: `tracking.registry.load_classifier`)."""
+    if not Path(path).is_file():
+        raise PredictError(f"--model {path}: no such file. Give a checkpoint (runs/finetune/model.pt) or a registered "
                            "model: models:/<name>@champion or models:/<name>/<version>")
-    return Classifier.from_file(spec)
+    return Classifier.from_file(path)
 
 
 def predict_files(classifier: Classifier, videos: list[str], *, topk: int = 5) -> list[Prediction]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import re
 import tempfile
 import time
@@ -26,7 +27,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from action3d.errors import Action3dError
-from action3d.project import shareable_uri
+from action3d.project import shareable_uri, tracking_uri as default_tracking_uri
 from action3d.tracking.models import NAME, download_checkpoint, load_module
 from action3d.tracking.store import NOT_FOUND, client as make_client, quick_requests, store_exists
 
@@ -417,6 +418,18 @@ def download_version_checkpoint(uri: str, *, tracking_uri: str, dst: str | Path)
         raise RegistryError(f"{uri} (v{version.version}): cannot fetch its checkpoint ({str(err).splitlines()[0]}): "
                             "check the artifact store is reachable, or use another version "
                             "(`action3d registry list`)") from None
+
+
+def load_classifier(spec: str, *, tracking_uri: str | None = None):
+    """A `predict.Classifier` from `models:/<name>@<alias>`, `models:/<name>/<version>` or a checkpoint file."""
+    from action3d import predict
+
+    if not spec.startswith("models:/"):
+        return predict.load(spec)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one small file: no bar
+    with tempfile.TemporaryDirectory(prefix="action3d-model-") as folder:
+        path = download_version_checkpoint(spec, tracking_uri=tracking_uri or default_tracking_uri(), dst=folder)
+        return predict.Classifier.from_file(path, source=spec)
 
 
 def registry_versions(name: str, *, tracking_uri: str) -> list[dict[str, Any]]:
