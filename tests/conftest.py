@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -80,9 +81,11 @@ def pipeline(tmp_path_factory) -> Pipeline:
 
 
 @pytest.fixture
-def repo(pipeline) -> Path:
-    """The session's pipeline repository, reset to its baseline commit: for tests that change it and put it back."""
-    return pipeline.reset()
+def repo(pipeline) -> Iterator[Path]:
+    """The session's pipeline repository at its baseline commit, for a test that changes it: reset before (whatever
+    ran earlier) and after (a failed `dvc exp run -S` leaves its knob in params.yaml, which the next test would read)."""
+    yield pipeline.reset()
+    pipeline.reset()
 
 
 @pytest.fixture(scope="session")

@@ -81,8 +81,13 @@ def _worker(tmp_path: Path, env: dict, log: str) -> subprocess.Popen:
 
 
 def _stop(worker: subprocess.Popen) -> None:
+    """Stop a worker as a user would: SIGTERM, and SIGKILL if it has not gone a minute later (a loaded machine)."""
     os.killpg(worker.pid, signal.SIGTERM)
-    worker.wait(timeout=60)
+    try:
+        worker.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait(timeout=60)
 
 
 def _deployment_run(project: Path, env: dict, *params: str) -> subprocess.Popen:
