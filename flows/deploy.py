@@ -3,9 +3,9 @@
     PREFECT_API_URL=http://127.0.0.1:4200/api python flows/deploy.py [--repository URL] [--branch NAME] [--active]
 
 Before `prefect --no-prompt deploy --all` runs, each of these stops it with one message that says what to do:
-a deployment whose targets are not stages of dvc.yaml, PREFECT_API_URL unset or not answering, a work pool of prefect.yaml that does not exist on that server, a git
-repository workers cannot clone or a branch it does not have, and (with --require-remote) a project without a
-reachable DVC remote. Workers clone --repository at --branch (default: this folder and its current branch, for
+a deployment whose targets are not stages of dvc.yaml, PREFECT_API_URL unset or not answering, a work pool of
+prefect.yaml that does not exist on that server, a git repository workers cannot clone or a branch it does not
+have, and (with --require-remote) a project without a reachable DVC remote. Workers clone --repository at --branch (default: this folder and its current branch, for
 trying it all on one machine); push your branch first when workers run elsewhere.
 """
 
