@@ -4,7 +4,7 @@ way, so any of them can be read, imported and changed without the others."""
 import ast
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers import ROOT
 
 
 def modules() -> dict[str, Path]:

@@ -79,6 +79,9 @@ def test_a_small_gain_the_paired_test_does_not_back_is_not_called_shown(tmp_path
     numbers, text = findings(tmp_path, finetuned, baseline)
     assert numbers["transfer_gain_p"] > 0.05
     assert "the difference is NOT" in text and "the difference is shown" not in text
+    # where the two tests disagree (an interval that excludes 0, a p-value that does not), neither wins
+    assert report.gain_verdict(0.01, 0.08, 0.06).startswith("the difference is NOT clearly shown")
+    assert report.gain_verdict(-0.08, -0.01, 0.01).startswith("the difference is shown")  # a loss is shown too
 
 
 def test_rq1_names_the_set_that_overfits(tmp_path):
