@@ -28,8 +28,9 @@ run: $(STAMP)
 	@echo
 	action3d report
 
+# On every core: most of the suite's time is processes starting (torch, MLflow, servers), which run side by side.
 test: $(STAMP) browser
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n auto --maxprocesses 4 --dist loadgroup
 
 # The report test opens reports/index.html in a real headless browser: Debian's chromium, installed when absent.
 # Where that cannot be done (no apt, no sudo) the tests still run, and that one test says what to install.
@@ -42,7 +43,7 @@ browser:
 	  echo "WARNING: could not install chromium: the report's browser test will fail until it is on PATH"; }
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -m "not slow and not integration"
+	$(BIN)/python -m pytest -n auto --maxprocesses 4 --dist loadgroup -m "not slow and not integration"
 
 # speed, measured side by side in one run each (README, Performance): JSON in benchmarks/results/
 bench: $(STAMP)

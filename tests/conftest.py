@@ -19,6 +19,25 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 # Prefect's servers (the test harness's, ours) try to send usage telemetry, which cannot leave this machine.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+# `make test` runs on every core (pytest-xdist): each worker's torch, and the stages it starts, take their share of
+# the cores rather than all of them each.
+if workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")):
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups
+def pytest_collection_modifyitems(items):
+    """Tests that share an expensive set-up run on one xdist worker (`--dist loadgroup`), so it is made once: every
+    test of the session's pipeline repository together, and each other slow module's tests together (its
+    module-scoped servers and projects). Fast tests go wherever a worker is free."""
+    for item in items:
+        if "pipeline" in item.fixturenames:
+            group = "pipeline"
+        elif item.get_closest_marker("slow") or item.get_closest_marker("integration"):
+            group = item.module.__name__
+        else:
+            continue
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(scope="session")

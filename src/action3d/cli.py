@@ -48,10 +48,11 @@ def _run_stage(args: argparse.Namespace) -> dict:
 
 
 def _cmd_models(args: argparse.Namespace) -> None:
+    from action3d.models import list_models
     from action3d.models.summary import format_model_table, model_table
 
-    rows = [r for r in model_table(progress=True) if not args.filter or args.filter in r["name"]]
-    print(format_model_table(rows))
+    names = [name for name in list_models() if not args.filter or args.filter in name]  # only those are built
+    print(format_model_table(model_table(names=names, progress=True)))
 
 
 def _cmd_report(args) -> None:

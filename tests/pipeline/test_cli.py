@@ -33,10 +33,10 @@ def test_a_missing_manifest_folder_points_at_the_split_stage(tmp_path):
 def test_models_lists_every_registered_network():
     from action3d.models import list_models
 
-    done = _action3d("models", "resnet1")
+    done = _action3d("models", "resnet10")
     assert done.returncode == 0
     names = [line.split()[0] for line in done.stdout.splitlines()[2:]]
-    assert names == [n for n in list_models() if "resnet1" in n]
+    assert names == [n for n in list_models() if "resnet10" in n] and "resnet101" in names
 
 
 def _one_line_error(done: subprocess.CompletedProcess, *names: str) -> None:

@@ -123,9 +123,9 @@ def test_bad_tuning_input_is_one_clear_error_before_any_trial(project, capsys):
 
 @pytest.mark.integration  # a PostgreSQL server, Prefect's
 def test_the_tune_flow_makes_the_inputs_then_two_workers_on_a_postgres_study_prune_track_and_reproduce(
-        tmp_path, monkeypatch, pipeline):
-    """As on a fresh worker's clone: no data yet, so the flow runs the target's upstream stages through DVC first
-    (here restored from the session pipeline's run cache, as a DVC remote's would be); then two worker processes
+        tmp_path, monkeypatch):
+    """As on a fresh worker's clone: no data yet, so the flow runs the target's upstream stages through DVC first;
+    then two worker processes
     share one study on a real PostgreSQL server, prune bad trials, track each as a nested MLflow run, and the best
     trial's knobs, applied to params.yaml, reproduce its score when the stage runs as DVC runs it."""
     import importlib.util
@@ -134,7 +134,6 @@ def test_the_tune_flow_makes_the_inputs_then_two_workers_on_a_postgres_study_pru
     from prefect.testing.utilities import prefect_test_harness
 
     repo = make_project_repo(tmp_path / "repo", TUNE)
-    run(repo, "dvc", "cache", "dir", "--local", str(pipeline.repo / ".dvc" / "cache"))
     url = pg.get_server(str(tmp_path / "pg"), cleanup_mode="delete").get_uri()
     spec = importlib.util.spec_from_file_location("tune_flow", ROOT / "flows/tune.py")
     module = importlib.util.module_from_spec(spec)

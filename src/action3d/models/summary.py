@@ -56,15 +56,16 @@ def count_flops(name: str, clip: tuple[int, int, int] = (16, 112, 112), **kwargs
 
 
 def model_table(
-    *, n_classes: int = 400, clip: tuple[int, int, int] = (16, 112, 112), progress: bool = False
+    *, names: list[str] | None = None, n_classes: int = 400, clip: tuple[int, int, int] = (16, 112, 112),
+    progress: bool = False
 ) -> list[dict]:
-    """One row per registered model: {"name", "family", "params", "flops"}.
+    """One row per registered model (or per one of `names`): {"name", "family", "params", "flops"}.
 
     params: parameter count at `n_classes`; flops: forward FLOPs for one clip of
     `clip` = (T, H, W) frames, multiply-add = 2.
     """
     rows = []
-    for name in tqdm(list_models(), desc="models", disable=not progress):
+    for name in tqdm(list_models() if names is None else names, desc="models", disable=not progress):
         model = _meta_model(name, n_classes=n_classes)
         rows.append({
             "name": name,
