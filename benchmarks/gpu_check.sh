@@ -106,17 +106,20 @@ if "$PY" -c "import av, mlflow, pydantic, yaml, pytorchvideo, torchvision" 2>/de
     if [ "$LEFT" -gt 60 ]; then
         W="$SCRATCH/demo"
         export MLFLOW_TRACKING_URI="sqlite:///$W/mlflow.db"
-        S=(-S synth.pretrain.classes=4 -S synth.pretrain.train_per_class=8 -S synth.pretrain.val_per_class=2
-           -S synth.pretrain.test_per_class=1 -S synth.finetune.classes=2 -S synth.finetune.groups=4
-           -S pretrain.epochs=2 -S pretrain.device=${STAGE_DEVICE:-cuda} -S pretrain.nproc=1)
-        timeout --kill-after=10 "$LEFT" bash -c '
+        S=(--params "$PWD/params.yaml" -S synth.sets.pretrain.classes=4 -S synth.sets.pretrain.train_per_class=8
+           -S synth.sets.pretrain.val_per_class=2 -S scratch.pretrain.epochs=2 -S scratch.pretrain.warmup_epochs=1
+           -S scratch.pretrain.device=${STAGE_DEVICE:-cuda} -S scratch.pretrain.nproc=1)
+        mkdir -p "$W"
+        # the stages as dvc.yaml runs them, in a project folder of their own (data.pretrain.path is relative to it)
+        (cd "$W" && timeout --kill-after=10 "$LEFT" bash -c '
             set -e
-            "$0" -m action3d.cli stage synth --out "$1/raw" "${@:2}"
-            "$0" -m action3d.cli stage split --role pretrain --data "$1/raw/pretrain" --out "$1/splits" "${@:2}"
-            "$0" -m action3d.cli stage cache --manifests "$1/splits" --data "$1/raw/pretrain" --out "$1/cache" "${@:2}"
-            "$0" -m action3d.cli stage pretrain --manifests "$1/splits" --cache "$1/cache" --out "$1/pretrain" "${@:2}"
-        ' "$PY" "$W" "${S[@]}" 2>&1 | tee "$OUT/stage.log" | tail -5 || echo "the demo stage failed or timed out"
-        cp "$W/pretrain/history.csv" "$OUT/stage_history.csv" 2>/dev/null || true
+            "$0" -m action3d.cli stage synth --role pretrain --out data/demo/pretrain "$@"
+            "$0" -m action3d.cli stage split --role pretrain --out data/splits/pretrain "$@"
+            "$0" -m action3d.cli stage cache --role pretrain --manifests data/splits/pretrain --out data/cache/pretrain "$@"
+            "$0" -m action3d.cli stage scratch --role pretrain --manifests data/splits/pretrain --cache data/cache/pretrain \
+                --out runs/scratch/pretrain "$@"
+        ' "$PY" "${S[@]}") 2>&1 | tee "$OUT/stage.log" | tail -5 || echo "the demo stage failed or timed out"
+        cp "$W/runs/scratch/pretrain/history.csv" "$OUT/stage_history.csv" 2>/dev/null || true
     else
         echo "skipped: ${LEFT}s left of the 8-minute budget"
     fi
