@@ -37,26 +37,28 @@ def _run(cwd: Path, *argv, env: dict | None = None, check: bool = True, timeout:
     return done
 
 
-def _training_process(stage: str) -> tuple[int, Path] | None:
-    """(pid, working directory) of a running `action3d stage <stage>` under a worker, if any."""
+def _training_process(stage: str, mine: str) -> tuple[int, Path] | None:
+    """(pid, working directory) of a running `action3d stage <stage>` under this test's worker (its environment
+    holds `mine`; another test may train the same stage at the same time), if any."""
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
             argv = (proc / "cmdline").read_bytes().split(b"\0")
             if b"stage" in argv and stage.encode() in argv and b"pretrain" in argv and any(
-                    a.endswith(b"action3d") for a in argv[:2]):
+                    a.endswith(b"action3d") for a in argv[:2]) and mine.encode() in (
+                    proc / "environ").read_bytes().split(b"\0"):
                 return int(proc.name), Path(os.readlink(proc / "cwd"))
         except OSError:
             continue
     return None
 
 
-def _kill_mid_run(deadline: float) -> int:
+def _kill_mid_run(deadline: float, mine: str) -> int:
     """SIGKILL the worker's pretraining process once it has written a checkpoint and not yet finished; returns the
     epochs that checkpoint holds. Read with the process stopped, so it cannot train on while we look."""
     while time.monotonic() < deadline:
-        found = _training_process("scratch")
+        found = _training_process("scratch", mine)
         if found:
             pid, cwd = found
             checkpoints = list(cwd.glob("runs/scratch/pretrain/checkpoints/*/last.pt"))
@@ -143,7 +145,7 @@ def test_a_deployed_run_on_a_worker_loses_nothing_and_is_pulled_back_byte_identi
         override = 'overrides=["finetune.lr=0.02"]'
         try:
             trigger = _deployment_run(project, env, "experiment=ci-nightly", override)
-            killed_at = _kill_mid_run(time.monotonic() + 600)
+            killed_at = _kill_mid_run(time.monotonic() + 600, f"PREFECT_HOME={env['PREFECT_HOME']}")
             output, _ = trigger.communicate(timeout=900)
             log = (tmp_path / "worker.log").read_text(errors="replace")
             assert "Completed" in output, output[-3000:] + log[-5000:]
