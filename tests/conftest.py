@@ -25,8 +25,8 @@ if workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")):
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups
-def pytest_collection_modifyitems(items):
+@pytest.hookimpl(wrapper=True)  # around xdist's own hook, which writes each test's group into its id
+def pytest_collection_modifyitems(config, items):
     """Tests that share an expensive set-up run on one xdist worker (`--dist loadgroup`), so it is made once: every
     test of the session's pipeline repository together, and each other slow module's tests together (its
     module-scoped servers and projects). Fast tests go wherever a worker is free."""
@@ -38,6 +38,19 @@ def pytest_collection_modifyitems(items):
         else:
             continue
         item.add_marker(pytest.mark.xdist_group(group))
+    yield
+
+
+@pytest.hookimpl(optionalhook=True)  # an xdist hook
+def pytest_xdist_node_collection_finished(node, ids):
+    """Every integration test has a group, which xdist writes into its id (`...@group`). A pytest whose ids ignore
+    that rewrite (9.2 with xdist 3.8) would send a group's tests to every worker, each making the group's set-up
+    again: stop, saying why, rather than run slow."""
+    if node.config.getoption("dist") == "loadgroup":
+        lost = [i for i in ids if i.startswith("tests/integration/") and "@" not in i]
+        if lost:
+            pytest.exit(f"pytest-xdist could not group {len(lost)} tests (e.g. {lost[0]}) under pytest "
+                        f"{pytest.__version__}: install the versions of constraints.txt", returncode=4)
 
 
 @pytest.fixture(scope="session")
