@@ -482,14 +482,16 @@ def _rhythm(kind: str, rng: np.random.Generator, n: int) -> np.ndarray:
     """
     t = np.arange(n)
     # slow and fast are far enough apart in angle that no spoke count or radius gives them the same pixel speed
-    # (slow at most 9.8 u per frame, fast at least 12.7 u); slow still turns a period in 16 frames (15 steps)
+    # (slow at most 9.0 u per frame, fast at least 10.4 u); slow still turns a period in 16 frames (15 steps), and
+    # fast stays well under a quarter of a period per frame: near a quarter, the spoke behind looks as near as the
+    # one ahead and the sense is lost (fine-tuned models confused fast clockwise and counterclockwise at 0.22-0.25)
     if kind == "slow":
-        return _const(n, rng.uniform(0.068, 0.078))
+        return _const(n, rng.uniform(0.067, 0.072))
     if kind == "fast":
-        return _const(n, rng.uniform(0.22, 0.25))
-    if kind == "stopgo":  # bursts at the fast speed, then still
+        return _const(n, rng.uniform(0.18, 0.21))
+    if kind == "stopgo":  # bursts a little faster than fast (a burst must still turn a period in 16 frames), then still
         cycle = int(rng.integers(7, 10))
-        return np.where((t + rng.integers(cycle)) % cycle < cycle // 2, rng.uniform(0.22, 0.26), 0.0)
+        return np.where((t + rng.integers(cycle)) % cycle < cycle // 2, rng.uniform(0.21, 0.24), 0.0)
     if kind == "ratchet":  # three steps forward, one back
         return np.where((t + rng.integers(4)) % 4 == 3, -1.0, 1.0) * rng.uniform(0.15, 0.18)
     if kind == "swing":  # back and forth over a full period: no sense
