@@ -26,7 +26,7 @@ if workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")):
 
 
 @pytest.hookimpl(wrapper=True)  # around xdist's own hook, which writes each test's group into its id
-def pytest_collection_modifyitems(config, items):
+def pytest_collection_modifyitems(items):
     """Tests that share an expensive set-up run on one xdist worker (`--dist loadgroup`), so it is made once: every
     test of the session's pipeline repository together, and each other slow module's tests together (its
     module-scoped servers and projects). Fast tests go wherever a worker is free."""
