@@ -34,7 +34,7 @@ TINY = [
     "cache.short_side=40", "clip.crop_size=32", "clip.frames=8", "split.min_frames=8", "split.probe=false",
     "scratch.pretrain.epochs=2", "scratch.pretrain.warmup_epochs=1", "scratch.pretrain.batch_size=4",
     "scratch.pretrain.workers=0",
-    "scratch.finetune.batch_size=4", "scratch.finetune.workers=0",
+    "scratch.finetune.epochs=2", "scratch.finetune.batch_size=4", "scratch.finetune.workers=0",
     "finetune.epochs=2", "finetune.batch_size=4", "finetune.workers=0",
     "evaluate.batch_size=8", "evaluate.workers=0",
 ]

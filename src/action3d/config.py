@@ -131,6 +131,15 @@ class Train(Section):
     def _warmup_fits(self):
         return _check_warmup(self)
 
+    @field_validator("epochs", mode="before")
+    @classmethod
+    def _epochs_is_a_number(cls, value):
+        if value is None:  # it once meant "as many as finetune.epochs", which DVC cannot see
+            raise ValueError("set a number of epochs (the baseline scratch.finetune: as many as finetune.epochs, "
+                             "for a fair comparison); DVC re-runs a stage only when its own section changes, so "
+                             "one section cannot follow another")
+        return value
+
     @field_validator("nproc", mode="before")
     @classmethod
     def _nproc_is_auto_or_positive(cls, value):
@@ -140,24 +149,17 @@ class Train(Section):
 
 
 def _check_warmup(section: Train) -> Train:
-    if section.scheduler == "cosine" and section.epochs is not None and section.epochs <= section.warmup_epochs:
+    if section.scheduler == "cosine" and section.epochs <= section.warmup_epochs:
         raise ValueError(f"the cosine schedule needs epochs ({section.epochs}) > warmup_epochs "
                          f"({section.warmup_epochs}): raise epochs or lower warmup_epochs")
     return section
-
-
-class Baseline(Train):
-    """Training from scratch on the small set, the baseline of the transfer question: as many epochs as fine-tuning
-    by default (`epochs: null`), so that the comparison is fair to both."""
-
-    epochs: int | None = None  # type: ignore[assignment]  # None = finetune.epochs (filled in by Params)
 
 
 class Scratch(Section):
     """Training from random weights, per set: on the large set this is pretraining, on the small one the baseline."""
 
     pretrain: Train = Train(epochs=40, lr=0.1)
-    finetune: Baseline = Baseline()
+    finetune: Train = Train()  # the same epochs as Finetune()
 
 
 class Finetune(Train):
@@ -298,14 +300,6 @@ class Params(Section):
             raise ValueError("no finetune set: the pipeline fine-tunes and evaluates on data.finetune (path and "
                              "layout)")
         return data
-
-    @model_validator(mode="after")
-    def _resolved(self):
-        baseline = self.scratch.finetune
-        if baseline.epochs is None:  # frozen: the resolved value is set once, here, and logged as such
-            baseline = _check_warmup(baseline.model_copy(update={"epochs": self.finetune.epochs}))
-            object.__setattr__(self, "scratch", self.scratch.model_copy(update={"finetune": baseline}))
-        return self
 
     def flat(self) -> dict[str, Any]:
         """Every knob as a dotted key, for MLflow params and Optuna."""

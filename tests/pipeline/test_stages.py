@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from action3d.config import load_params
+from action3d.config import ParamsError, load_params
 from action3d.project import file_md5, tracking_uri
 from action3d.stages import STAGES, RunContext
 from tests.helpers import ROOT, TINY
@@ -104,10 +104,12 @@ def test_pretrain_finetune_evaluate_summary_register(workdir, tiny_params):
 def test_the_baseline_trains_every_layer_with_its_own_knobs(workdir):
     from mlflow import MlflowClient
 
-    # its own section: its lr, and finetune's epoch count unless it sets its own
-    params = load_params(ROOT / "params.yaml", [*TINY, "scratch.finetune.lr=0.02", "scratch.finetune.epochs=null",
-                                                "finetune.epochs=3"])
-    assert params.scratch.finetune.epochs == 3
+    # its own section, the only one DVC re-runs it for: its lr and its epochs (null, which once meant finetune's, is
+    # refused: DVC would not re-run the baseline when finetune.epochs changed)
+    with pytest.raises(ParamsError, match=r"scratch\.finetune\.epochs.*set a number of epochs.*own section"):
+        load_params(ROOT / "params.yaml", [*TINY, "scratch.finetune.epochs=null"])
+    params = load_params(ROOT / "params.yaml", [*TINY, "scratch.finetune.lr=0.02", "scratch.finetune.epochs=3"])
+    assert (params.scratch.finetune.epochs, params.finetune.epochs) == (3, 2)
     result = scratch(params, workdir, role="finetune")
     assert result["epochs"] == 3
     with open(workdir / "runs/scratch/finetune/history.csv", newline="") as f:
