@@ -55,13 +55,24 @@ def _interval(low: float | None, high: float | None, points: bool = False) -> st
 # --- the findings -------------------------------------------------------------------------------------------------
 
 
-def fit_verdict(fit: float | None) -> str:
-    """Whether a baseline fits its own training videos: a gain over one that does not means little."""
+def fit_verdict(fit: float | None, epochs: tuple[int | None, int | None] = (None, None)) -> str:
+    """Whether a baseline is fair: it fits its own training videos (a gain over one that does not means little)
+    and it trained as many epochs as fine-tuning (`epochs`: fine-tuning's, the baseline's; None = unknown)."""
     if fit is None:
         return "its fit to its training videos is unknown"
-    if fit >= FITS:
-        return f"it fits them ({_pct(fit)} >= {_pct(FITS)}): a fair baseline"
-    return f"it does NOT fit them ({_pct(fit)} < {_pct(FITS)}): tune the baseline before trusting the gain"
+    if fit < FITS:
+        return f"it does NOT fit them ({_pct(fit)} < {_pct(FITS)}): tune the baseline before trusting the gain"
+    tuned, base = epochs
+    if tuned is not None and base is not None and tuned != base:
+        return (f"it fits them ({_pct(fit)}), but trained {base} epochs against fine-tuning's {tuned}: NOT the same "
+                "budget; give scratch.finetune.epochs and finetune.epochs the same number")
+    return f"it fits them ({_pct(fit)} >= {_pct(FITS)}): a fair baseline"
+
+
+def epochs_trained(run_folder: Path) -> int | None:
+    """The epochs a training stage ran (its run.json), None when it has not run."""
+    run = _read(run_folder / "run.json")
+    return None if run is None else run.get("epochs")
 
 
 def motion_verdict(accuracy: float, shuffled: float, chance: float) -> str:
@@ -128,9 +139,10 @@ def findings(runs: Path) -> list[str]:
                      f"{_interval(ft.get('time_shuffled_video_top1_low'), ft.get('time_shuffled_video_top1_high'))}"
                      f": {motion_verdict(ft['video_top1'], shuffled, chance)}")
     gain, low, high = summary["transfer_gain"], summary["transfer_gain_low"], summary["transfer_gain_high"]
+    epochs = epochs_trained(runs / "finetune"), epochs_trained(runs / "scratch" / "finetune")
     lines += [f"  (c) from scratch (the baseline)   video top-1 {_pct(sc['video_top1'])}"
               f"{_interval(sc.get('video_top1_low'), sc.get('video_top1_high'))}; "
-              f"{fit_verdict((base or {}).get('train_video_top1'))}",
+              f"{fit_verdict((base or {}).get('train_video_top1'), epochs)}",
               f"      pretraining is worth {100 * gain:+.1f} points{_interval(low, high, points=True)}, McNemar "
               f"p = {summary['transfer_gain_p']:.2g}: {gain_verdict(low, high, summary['transfer_gain_p'])}"]
     rq1 = overfitting_lines(runs)

@@ -36,8 +36,12 @@ def history(path: Path, train_loss: float, val_loss: float) -> None:
 
 
 def findings(tmp_path: Path, finetuned: list[bool], baseline: list[bool], *, shuffled_right: int = 20,
-             baseline_fit: float = 1.0) -> tuple[dict, str]:
+             baseline_fit: float = 1.0, epochs: tuple[int, int] | None = None) -> tuple[dict, str]:
     runs = tmp_path / "runs"
+    if epochs is not None:  # what each training stage's run.json says it ran: fine-tuning's, the baseline's
+        for folder, n in zip((runs / "finetune", runs / "scratch" / "finetune"), epochs):
+            folder.mkdir(parents=True)
+            (folder / "run.json").write_text(json.dumps({"epochs": n}))
     ft = evaluated(runs / "evaluate" / "finetune", finetuned, shuffled_right, 0.99)
     sc = evaluated(runs / "evaluate" / "scratch", baseline, 0, baseline_fit)
     numbers = summary.run(load_params(None), finetune=ft, scratch=sc, out=runs / "metrics.json")
@@ -82,6 +86,17 @@ def test_a_small_gain_the_paired_test_does_not_back_is_not_called_shown(tmp_path
     # where the two tests disagree (an interval that excludes 0, a p-value that does not), neither wins
     assert report.gain_verdict(0.01, 0.08, 0.06).startswith("the difference is NOT clearly shown")
     assert report.gain_verdict(-0.08, -0.01, 0.01).startswith("the difference is shown")  # a loss is shown too
+
+
+def test_a_baseline_trained_fewer_epochs_than_fine_tuning_is_not_called_fair(tmp_path):
+    finetuned = [True] * 130 + [False] * 10
+    baseline = [True] * 100 + [False] * 40
+    _, text = findings(tmp_path / "same", finetuned, baseline, epochs=(90, 90))
+    assert "it fits them (100.0% >= 95.0%): a fair baseline" in text
+    _, text = findings(tmp_path / "short", finetuned, baseline, epochs=(90, 60))
+    assert "a fair baseline" not in text
+    assert "trained 60 epochs against fine-tuning's 90: NOT the same budget" in text
+    assert "scratch.finetune.epochs and finetune.epochs" in text  # the keys to change
 
 
 def test_rq1_names_the_set_that_overfits(tmp_path):
