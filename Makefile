@@ -30,7 +30,7 @@ run: $(STAMP)
 
 # On every core: most of the suite's time is processes starting (torch, MLflow, servers), which run side by side.
 test: $(STAMP) browser
-	$(BIN)/python -m pytest -n auto --maxprocesses 4 --dist loadgroup
+	$(BIN)/python -m pytest -n auto --maxprocesses 4 --dist loadgroup --no-loadscope-reorder
 
 # The report test opens reports/index.html in a real headless browser: Debian's chromium, installed when absent.
 # Where that cannot be done (no apt, no sudo) the tests still run, and that one test says what to install.
