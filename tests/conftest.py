@@ -38,7 +38,8 @@ def pytest_collection_modifyitems(items):
     """Tests that share an expensive set-up run on one xdist worker (`--dist loadgroup`), so it is made once: every
     test of the session's pipeline repository together, and each other slow module's tests together (its
     module-scoped servers and projects). Fast tests go wherever a worker is free, after the groups."""
-    groups = {}
+    longest = {name: rank for rank, name in enumerate(LONGEST_GROUPS)}
+    rank = {}  # the listed groups in their order, then the other groups, then the ungrouped tests
     for item in items:
         if "pipeline" in item.fixturenames:
             group = "pipeline"
@@ -46,10 +47,9 @@ def pytest_collection_modifyitems(items):
             group = item.module.__name__
         else:
             continue
-        groups[item] = group
+        rank[item] = longest.get(group, len(longest))
         item.add_marker(pytest.mark.xdist_group(group))
-    order = {name: rank for rank, name in enumerate(LONGEST_GROUPS)}
-    items.sort(key=lambda item: order.get(groups[item], len(order)) if item in groups else len(order) + 1)
+    items.sort(key=lambda item: rank.get(item, len(longest) + 1))
     yield
 
 
