@@ -120,6 +120,7 @@ class Train(Section):
     milestones: list[int] = [50, 100, 150]
     warmup_epochs: int = 0
     grad_clip: float | None = None
+    keep: Literal["last", "best"] = "last"  # model.pt: the last epoch's weights (the reference's) or the best epoch's
     bf16: bool = True
     channels_last: bool = True
     compile: bool = False

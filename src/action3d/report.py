@@ -230,7 +230,7 @@ class ModelRow:
     params_m: float | None
     gflops: float | None
     train_top1: float | None  # clip accuracy of the last training epoch
-    val_video_top1: float | None  # the best epoch's, on the validation split
+    val_video_top1: float | None  # model.pt's (the kept epoch), on the validation split
     minutes: float | None
     test: dict[str, float] = field(default_factory=dict)  # the evaluate run's metrics (test split, video level)
     curves: str | None = None  # image paths relative to the report folder
@@ -274,7 +274,8 @@ def collect(experiment, out: Path, *, study: str | None = None, tune: str | None
     for i, run in enumerate(runs):
         m = run.metrics
         row = ModelRow(_label(run), run.run_id, run.stage, run.params.get("model.name", "?"), *_cost(run),
-                       m.get("final_train_top1"), m.get("best_val_video_top1"), run.minutes)
+                       m.get("final_train_top1"), m.get("model_val_video_top1", m.get("best_val_video_top1")),
+                       run.minutes)
         history = experiment.history(run.run_id, HISTORY_KEYS)
         if row.train_top1 is None:  # a run stopped early (a pruned trial): its last epoch, its best so far
             row.train_top1 = m.get("train_top1")

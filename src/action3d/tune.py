@@ -7,7 +7,8 @@
 The target stage (`tune.target`: finetune, scratch@finetune or scratch@pretrain) runs as `dvc repro` runs it: its
 own function, on the pipeline's inputs (`stages.training_inputs`; run `dvc repro <target>` first), writing into
 runs/tune/<study>/trial-<n>/ instead of its own folder. Every epoch reports `tune.metric` to the pruner, which may
-stop the trial; the trial's value is its best epoch.
+stop the trial; the trial's value is the metric of the epoch the stage keeps as model.pt (`keep`: the last, or the
+best).
 
 Storage: a journal file (runs/tune/<study>.journal) by default, safe for several processes on one machine; any
 RDB URL (PostgreSQL) for many machines. A trial whose worker died (its process is gone, or its heartbeat silent
@@ -213,7 +214,7 @@ def objective(s: Setup, parent_run_id: str | None):
         say(f"[tune] trial {trial.number}: {' '.join(overrides)}")
         try:
             with _heartbeat(trial, s.tune.grace_period):
-                run_stage(s, params, ctx, s.out_dir / folder)
+                result = run_stage(s, params, ctx, s.out_dir / folder)
         except optuna.TrialPruned:
             _trial_state(ctx.run_id, "PRUNED")
             raise
@@ -221,15 +222,16 @@ def objective(s: Setup, parent_run_id: str | None):
             _trial_state(ctx.run_id, "FAIL")
             raise
         _trial_state(ctx.run_id, "COMPLETE")
-        # the trial's value: its best epoch (a resumed trial reports only the epochs it trained; the stage's
-        # history has them all)
+        # a resumed trial reports only the epochs it trained; the stage's history has them all
         history = {int(row.get("epoch", i + 1)): float(row[s.tune.metric])
                    for i, row in enumerate(ctx.history) if s.tune.metric in row}
         for epoch, value in history.items():  # epochs a resumed trial did not train here: on the record too
             if epoch not in reported:
                 trial.report(value, epoch)
-        values = list(history.values()) or list(reported.values())
-        return (max if s.tune.direction == "maximize" else min)(values)
+        # the trial's value: the metric of the epoch the stage keeps as its model (its `keep` knob), what a user of
+        # these knobs would get
+        history = history or reported
+        return history.get(result.get("kept_epoch"), history[max(history)])
 
     return run_trial
 

@@ -56,7 +56,7 @@ def test_train_batches(data):
 
 def test_epoch_length_is_exact_with_persistent_workers(data):
     loader = make_train_loader(data / "splits" / "train.csv", data / "cache", batch_size=3, workers=2, seed=0,
-                               drop_last=False, **CLIP)
+                               **CLIP)
     assert loader.persistent_workers
     for _ in range(2):  # two epochs through the same workers
         indices = torch.cat([b["video_index"] for b in loader]).tolist()

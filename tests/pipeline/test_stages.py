@@ -127,6 +127,27 @@ def test_the_baseline_trains_every_layer_with_its_own_knobs(workdir):
     assert again["final_train_loss"] == result["final_train_loss"]  # seeded: same weights, same clips, same result
 
 
+def test_model_pt_holds_the_kept_epoch_and_switching_keep_retrains_nothing(workdir):
+    """keep: last (the reference's: model.pt = the last epoch's weights) or best (by validation video top-1). Which
+    epoch is kept changes no weights, so switching it finishes at once from the run's checkpoints."""
+    params = load_params(ROOT / "params.yaml", [*TINY, "scratch.pretrain.epochs=3"])
+    out = workdir / "runs/scratch-keep"
+    last = scratch(params, workdir, out="runs/scratch-keep")
+    state = lambda name: torch.load(name, map_location="cpu", weights_only=False)  # noqa: E731
+    checkpoints = next((out / "checkpoints").iterdir())
+    assert last["kept_epoch"] == 3 and state(out / "model.pt")["epoch"] == 3
+    assert all(torch.equal(v, state(checkpoints / "last.pt")["state_dict"][k])
+               for k, v in state(out / "model.pt")["state_dict"].items())
+
+    keep_best = load_params(ROOT / "params.yaml", [*TINY, "scratch.pretrain.epochs=3", "scratch.pretrain.keep=best"])
+    best = scratch(keep_best, workdir, out="runs/scratch-keep")
+    assert best["epochs_resumed"] == 3  # nothing retrained
+    assert best["kept_epoch"] == best["best_epoch"] == state(out / "model.pt")["epoch"]
+    assert best["model_val_video_top1"] == best["best_val_video_top1"]
+    assert all(torch.equal(v, state(checkpoints / "best.pt")["state_dict"][k])
+               for k, v in state(out / "model.pt")["state_dict"].items())
+
+
 def test_a_changed_cache_knob_trains_afresh_in_a_new_mlflow_run(workdir, tiny_params):
     """The resume key covers the frame cache: new frames are never trained on from an old checkpoint, and the new
     knobs go to a new MLflow run (MLflow refuses to change a run's params)."""

@@ -2,8 +2,9 @@
 and the stage's outputs.
 
 A training stage writes into its `out` folder:
-    model.pt            the best checkpoint (by validation video accuracy), rebuildable by name + kwargs, with the
-                        model card that lets it classify raw videos
+    model.pt            the kept checkpoint (`keep`: the last epoch's, as the reference keeps, or the best epoch's by
+                        validation video accuracy), rebuildable by name + kwargs, with the model card that lets it
+                        classify raw videos
     history.csv         one row per epoch (DVC plots it)
     curves.png          loss, accuracy and learning rate per epoch
     run.json            the MLflow run id and the logged model's URI, for the stages after it
@@ -53,9 +54,9 @@ def train(
 
     `label` names the stage as DVC does (`scratch@pretrain`, `finetune`); `knobs` is its section of params.yaml.
     `inputs` are files whose content the run depends on (pretrained weights): part of the resume key and the
-    lineage. Returns the stage's metrics: best validation video accuracy and its epoch, the last epoch's training
-    loss and accuracy (a baseline that never fits its training set is no baseline), the epochs run and how many
-    were found done.
+    lineage. Returns the stage's metrics: the epoch model.pt holds (`kept_epoch`) and its validation video accuracy,
+    the best validation video accuracy and its epoch, the last epoch's training loss and accuracy (a baseline that
+    never fits its training set is no baseline), the epochs run and how many were found done.
     """
     info = init_distributed()
     device = pick_device(knobs.device)
@@ -111,11 +112,14 @@ def train(
         )  # fmt: skip
         ctx.history = result["history"]
         last = result["history"][-1]
-        metrics = {"best_epoch": result["best_epoch"], f"best_{monitor}": result["best_metric"],
+        kept, kept_path = kept_epoch(result, knobs.keep)
+        metrics = {"kept_epoch": kept["epoch"], f"model_{monitor}": kept[monitor],
+                   "best_epoch": result["best_epoch"], f"best_{monitor}": result["best_metric"],
                    "final_train_loss": last["train_loss"], "final_train_top1": last["train_top1"],
                    "epochs": len(result["history"]), "epochs_resumed": result["epochs_resumed"]}
         if run is not None:
-            _write_outputs(out, result, label, run, card, metrics, {"arch": arch, "model_kwargs": model_kwargs})
+            _write_outputs(out, kept_path, result["history"], label, run, card, metrics,
+                           {"arch": arch, "model_kwargs": model_kwargs})
             write_json(out / "run.json", {"run_id": run.run_id, "tracking_uri": shareable_uri(run.tracking_uri),
                                           "experiment": params.tracking.experiment, **metrics})
         return metrics
@@ -135,12 +139,13 @@ def _precision(label: str, knobs: Train, model: nn.Module, params: Params, devic
 
 def resume_key(label: str, params: Params, knobs: Train, arch: str, model_kwargs: dict, digests: dict[str, str],
                cache_digest: str | None, world_size: int) -> str:
-    """What a checkpoint may be resumed for: every knob the result depends on and the content of every input
+    """What a checkpoint may be resumed for: every knob the training depends on and the content of every input
     (manifests, the frame cache, pretrained weights), the number of processes, and the package's code (DVC re-runs
-    a stage whose code changed: a finished checkpoint of the old code must not stand in for it)."""
+    a stage whose code changed: a finished checkpoint of the old code must not stand in for it). Not `keep`: which
+    epoch becomes model.pt changes no weights, so a finished run only copies the other file."""
     return digest(label, params.seed, arch, model_kwargs, params.clip.model_dump(), params.augment.model_dump(),
-                  params.cache.model_dump(), knobs.model_dump(exclude={"workers", "device", "nproc"}), digests,
-                  cache_digest, world_size, code_digest())
+                  params.cache.model_dump(), knobs.model_dump(exclude={"workers", "device", "nproc", "keep"}),
+                  digests, cache_digest, world_size, code_digest())
 
 
 def code_digest() -> str:
@@ -197,11 +202,21 @@ def _on_epoch(label: str, epochs: int, run, store: CheckpointStore, ctx: RunCont
     return callback
 
 
-def _write_outputs(out: Path, result: dict, label: str, run, card: dict, metrics: dict, metadata: dict) -> None:
+def kept_epoch(result: dict, keep: str) -> tuple[dict[str, float], Path]:
+    """The epoch whose weights become model.pt (its history entry, its checkpoint): the last one, or with `keep:
+    best` the best by `fit`'s monitor. The reference keeps the last: on a validation set of a few videos the best
+    epoch is often an early one that generalises worse (docs/fidelity.md)."""
+    if keep == "best" and result["best_checkpoint"] is not None:
+        return next(h for h in result["history"] if h["epoch"] == result["best_epoch"]), result["best_checkpoint"]
+    return result["history"][-1], result["last_checkpoint"]
+
+
+def _write_outputs(out: Path, kept: Path, history: list[dict], label: str, run, card: dict, metrics: dict,
+                   metadata: dict) -> None:
     """model.pt (DVC's output), history.csv, curves.png; the curves, the metrics and the model in MLflow."""
-    copy_checkpoint(result["best_checkpoint"] or result["last_checkpoint"], out / "model.pt")
-    write_history(out / "history.csv", result["history"])
-    plot_history(result["history"], out / "curves.png", title=label)
+    copy_checkpoint(kept, out / "model.pt")
+    write_history(out / "history.csv", history)
+    plot_history(history, out / "curves.png", title=label)
     run.log_artifact(out / "curves.png", "plots")
     run.log_metrics(metrics)
     run.log_model(out / "model.pt", card, metadata=metadata)
