@@ -2,8 +2,9 @@
 
 Training: multiscale corner crop (a square of side min(H, W) x scale, scale drawn from 1, 2^-1/4, 2^-1/2, 2^-3/4,
 1/2, at one of the four corners or the centre, resized to `crop_size`), horizontal flip, mean/std normalisation.
-Evaluation: the centre square of side min(H, W) resized to `crop_size` (the reference's Resize + CenterCrop),
-normalisation. The same crop applies to every frame of a clip.
+Evaluation: the centre square of side min(H, W) resized to `crop_size` (the region of the reference's Resize +
+CenterCrop, resampled once instead of twice: docs/fidelity.md), normalisation. The same crop applies to every frame
+of a clip. tests/unit/test_reference_parity.py holds both presets to the reference's pixels.
 
 Both take a uint8 clip [T, C, H, W] (`layout="TCHW"`, what the loaders decode) or [C, T, H, W] and return a float
 clip [C, T, crop_size, crop_size], the layout 3D CNNs eat. `TrainPreset` draws from the `generator` it is called with
