@@ -54,6 +54,18 @@ def test_train_batches(data):
     assert sorted(seen) == list(range(12))  # every video once per epoch
 
 
+@pytest.mark.parametrize("batch_size, sizes", [(5, [5, 5, 2]), (4, [4, 4, 4]), (11, [11])])
+def test_an_epoch_is_every_video_once_the_last_batch_partial(data, batch_size, sizes):
+    """As the reference trains (a DataLoader with shuffle, drop_last off): ceil(n / batch) steps, every video once;
+    only a last batch of a single clip is dropped (12 videos in batches of 11)."""
+    loader = make_train_loader(data / "splits" / "train.csv", data / "cache", batch_size=batch_size, workers=0,
+                               seed=0, **CLIP)
+    batches = list(loader)
+    assert [len(b["label"]) for b in batches] == sizes == [len(b["label"]) for b in list(loader)]
+    seen = torch.cat([b["video_index"] for b in batches]).tolist()
+    assert len(set(seen)) == len(seen) == sum(sizes)
+
+
 def test_epoch_length_is_exact_with_persistent_workers(data):
     loader = make_train_loader(data / "splits" / "train.csv", data / "cache", batch_size=3, workers=2, seed=0,
                                **CLIP)
