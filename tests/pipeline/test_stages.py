@@ -154,8 +154,8 @@ def test_a_changed_cache_knob_trains_afresh_in_a_new_mlflow_run(workdir, tiny_pa
     first = scratch(tiny_params, workdir)
     first_run = run_of(workdir / "runs/scratch/pretrain")
     params = load_params(ROOT / "params.yaml", [*TINY, "cache.short_side=36"])
-    STAGES["cache"].run(params, role="pretrain", manifests=workdir / "data/splits/pretrain",
-                        out=workdir / "data/cache/pretrain")
+    STAGES["cache"].run(params, role="pretrain", videos=workdir / "data/splits/pretrain/slices/0.csv",
+                        out=workdir / "data/cache/pretrain/slice-0")
     again = scratch(params, workdir)
     assert (first["epochs_resumed"], again["epochs_resumed"], again["epochs"]) == (0, 0, 2)
     assert run_of(workdir / "runs/scratch/pretrain") != first_run
