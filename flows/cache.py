@@ -50,15 +50,27 @@ def cache_slice(role: str, slice: int, revision: str, root: str = ".") -> dict:
     ws.run("dvc", "pull", "--quiet", "runs/params.ok", str(videos.relative_to(ws.root)))  # the stage's inputs
     from action3d.data.annotations import read_slice
 
-    raw = Path(params.data[role].path)
     listed = read_slice(videos)
-    for start in range(0, len(listed), 500):  # this slice's videos, not the set (a granular pull)
-        ws.run("dvc", "pull", "--quiet", *[(raw / v).as_posix() for v in listed[start:start + 500]])
+    for start in range(0, len(listed), 500):  # this slice's videos (or their tar files), not the set
+        ws.run("dvc", "pull", "--quiet", *raw_files(ws.root, params.data[role].path, listed[start:start + 500]))
     stage = f"cache@{role}-{slice}"
     ran = ws.repro(stage, single=True)
     ws.run("dvc", "push", "--run-cache", stage)
     print(f"{stage}: {len(listed)} videos, {'built' if ran else 'up to date'}; pushed with its run cache")
     return {"stage": stage, "videos": len(listed), "ran": bool(ran)}
+
+
+def raw_files(root: Path, data_path: str, videos: list[str]) -> list[str]:
+    """The files to pull for `videos` of the set at `data_path`: the videos, or the tars of a packed set that hold
+    them (its index pulled first)."""
+    from action3d.data import raw
+
+    index = (Path(data_path) / raw.INDEX).as_posix()
+    Workspace(root).run("dvc", "pull", "--quiet", index, check=False)  # not a packed set: not tracked, no file
+    packed = raw.packed_index(str(root / data_path))
+    if packed is None:
+        return [(Path(data_path) / v).as_posix() for v in videos]
+    return sorted({(Path(data_path) / raw.TARS / packed[v].tar.name).as_posix() for v in videos if v in packed})
 
 
 @task(name="slice", task_run_name="{role}-{slice}", cache_policy=NO_CACHE)

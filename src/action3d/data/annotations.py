@@ -37,6 +37,7 @@ from typing import Iterable, NamedTuple
 
 from tqdm import tqdm
 
+from action3d.data import raw
 from action3d.data.video import ProbeResult, is_video_name, probe_video, write_atomic_text
 from action3d.errors import Action3dError
 from action3d.progress import show_bars
@@ -165,8 +166,7 @@ def missing_files(layout: str, root: Path, split: int = 1) -> str | None:
         return None if found else f"HMDB-51's split files (*_test_split{split}.txt)"
     if layout == "kinetics":
         return None if _lookup(root, _KINETICS_FILES["train"]) else "a Kinetics train CSV (kinetics_train.csv, ...)"
-    classes = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")] if root.is_dir() else []
-    videos = any(is_video_name(v) for c in classes for v in c.iterdir())
+    videos = root.is_dir() and any(rel.count("/") == 1 and is_video_name(rel) for rel in raw.listing(root))
     return None if videos else "class folders holding videos (<root>/<class>/<video>)"
 
 
@@ -176,13 +176,12 @@ def looks_like(root: Path, split: int = 1) -> list[str]:
 
 
 def _disk_videos(root: Path, depth: int) -> tuple[set[str], list[str]]:
-    """(videos, non-video files) at exactly `depth` folders below `root`, as paths relative to it."""
+    """(videos, non-video files) at exactly `depth` folders below `root`, as paths relative to it (a packed set's
+    videos from its index: `raw`)."""
     videos, others = set(), []
-    pattern = "/".join(["*"] * (depth + 1))
-    for path in root.glob(pattern):
-        if path.is_file() and not path.name.startswith("."):
-            rel = path.relative_to(root).as_posix()
-            (videos.add(rel) if is_video_name(path) else others.append(rel))
+    for rel in raw.listing(root):
+        if rel.count("/") == depth:
+            (videos.add(rel) if is_video_name(rel) else others.append(rel))
     return videos, sorted(others)
 
 
@@ -308,9 +307,9 @@ def _kinetics(root: Path, ann: Path, split: int) -> tuple[list[str], dict[str, l
     classes = sorted({values["label"] for _, values in train_rows})
     known = set(classes)
     by_key: dict[str, list[str]] = defaultdict(list)  # "<id>_<start>_<end>" -> relative paths on disk
-    for path in root.rglob("*"):
-        if path.is_file() and is_video_name(path):
-            by_key[path.stem].append(path.relative_to(root).as_posix())
+    for rel in raw.listing(root):
+        if is_video_name(rel):
+            by_key[Path(rel).stem].append(rel)
     subsets: dict[str, list[Entry]] = {s: [] for s in files}
     for subset, csv_file in files.items():
         rows = train_rows if subset == "train" else _kinetics_rows(csv_file, need_label=False)
@@ -346,13 +345,19 @@ def _pick_kinetics_path(candidates: list[str], subset: str, split_value: str, la
 def _folder(root: Path, ann: Path, split: int, *, seed: int, val_fraction: float, test_fraction: float
             ) -> tuple[list[str], dict[str, list[Entry]], SplitReport]:
     report = SplitReport("folder", str(root), split)
-    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not folders:
+    by_class: dict[str, list[str]] = defaultdict(list)
+    for rel in raw.listing(root):
+        if rel.count("/") == 1 and is_video_name(rel):
+            by_class[rel.split("/")[0]].append(rel.split("/")[1])
+    if raw.packed_index(str(root)) is None:  # a class folder without videos is a class, reported empty
+        by_class.update({p.name: [] for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
+                         and p.name not in by_class})
+    if not by_class:
         raise AnnotationError(f"{root}: no class folders; the folder layout is <root>/<class>/<video>")
-    classes = [p.name for p in folders]
+    classes = sorted(by_class)
     subsets: dict[str, list[Entry]] = {s: [] for s in SUBSETS}
-    for folder in folders:
-        videos = sorted(p.name for p in folder.iterdir() if p.is_file() and is_video_name(p))
+    for folder in [root / c for c in classes]:
+        videos = sorted(by_class[folder.name])
         random.Random(f"{seed}:{folder.name}").shuffle(videos)
         n = len(videos)
         n_test = min(round(n * test_fraction), max(n - 1, 0))
@@ -518,7 +523,7 @@ def build_manifests(
     if depth is not None:
         on_disk, report.non_video = _disk_videos(root, depth)
     else:
-        on_disk = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and is_video_name(p)}
+        on_disk = {rel for rel in raw.listing(root) if is_video_name(rel)}
     listed = {e.path for entries in subsets.values() for e in entries} | unused
     report.unlisted = sorted(on_disk - listed)
 
@@ -532,7 +537,7 @@ def build_manifests(
                 report.duplicates.append(f"{e.path} ({e.source}; first in {seen[e.path]})")
                 continue
             seen[e.path] = f"{subset}, {e.source}"
-            if not (root / e.path).is_file():
+            if not raw.exists(root / e.path):
                 report.missing.append(f"{e.path} ({e.source})")
                 continue
             kept.append(e)

@@ -234,9 +234,11 @@ def decode_scaled(path: str | Path, short_side: int) -> Decoded:
     """
     import av
 
+    from action3d.data import raw
+
     frames, stopped, stated = [], "", 0
     try:
-        with av.open(str(path)) as container:
+        with raw.open_video(path) as source, av.open(source) as container:
             if not container.streams.video:
                 raise VideoReadError(path, "no video stream")
             stream = container.streams.video[0]
@@ -291,7 +293,9 @@ class CacheEntry:
 
 def _is_done(target: Path, short_side: int, source: Path) -> PackInfo | None:
     """The scratch pack's info when it is whole, at the wanted resolution and made from the video now at `source`."""
-    if not target.exists() or not source.exists():
+    from action3d.data import raw
+
+    if not target.exists() or not raw.exists(source):
         return None
     try:
         pack = FramePack(target)

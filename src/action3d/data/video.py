@@ -149,10 +149,11 @@ def fingerprint(path: str | Path, chunk: int = 8192) -> bytes:
     """
     import hashlib
 
-    path = Path(path)
-    size = path.stat().st_size
+    from action3d.data import raw
+
+    size = raw.size(path)
     digest = hashlib.blake2b(str(size).encode(), digest_size=16)
-    with open(path, "rb") as f:
+    with raw.open_video(path) as f:
         digest.update(f.read(chunk))
         if size > chunk:
             f.seek(max(size - chunk, chunk))
@@ -196,9 +197,11 @@ def probe_video(path: str | Path, *, decode: bool = True, open_video: bool = Tru
 
     The frame count comes from the container when it states one, else from duration x frame rate.
     """
+    from action3d.data import raw
+
     path = Path(path)
     try:
-        known = {"fingerprint": fingerprint(path).hex(), "bytes": path.stat().st_size}
+        known = {"fingerprint": fingerprint(path).hex(), "bytes": raw.size(path)}
     except OSError as err:
         return ProbeResult(str(path), error=f"{type(err).__name__}: {err}")
     if known["bytes"] == 0:
@@ -208,7 +211,7 @@ def probe_video(path: str | Path, *, decode: bool = True, open_video: bool = Tru
     import av
 
     try:
-        with av.open(str(path)) as container:
+        with raw.open_video(path) as source, av.open(source) as container:
             if not container.streams.video:
                 return ProbeResult(str(path), error="no video stream", **known)
             stream = container.streams.video[0]
