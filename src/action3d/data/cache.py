@@ -28,7 +28,6 @@ import hashlib
 import io
 import json
 import logging
-import math
 import os
 import shutil
 import struct
@@ -42,6 +41,8 @@ import numpy as np
 from tqdm import tqdm
 
 from action3d.atomic import atomic_write, write_atomic_bytes, write_atomic_text
+from action3d.data import raw
+from action3d.data.raw import shard_count, video_hash  # noqa: F401  (where a video goes: also ours)
 from action3d.data.video import VideoReadError, fingerprint, stated_frames
 from action3d.errors import Action3dError
 from action3d.progress import show_bars
@@ -187,11 +188,6 @@ def _decode_jpegs(blobs: Sequence[bytes]) -> list:
     return [torch.from_numpy(np.asarray(Image.open(io.BytesIO(b)).convert("RGB"))).permute(2, 0, 1) for b in blobs]
 
 
-def video_hash(rel_path: str) -> int:
-    """A stable 64-bit hash of a video's path in its set: where the video goes (slice, shard), on every machine."""
-    return int.from_bytes(hashlib.blake2b(rel_path.encode(), digest_size=8).digest(), "big")
-
-
 def slice_of(rel_path: str, slices: int) -> int:
     """The slice (0 .. slices - 1) that holds the video at `rel_path`."""
     return video_hash(rel_path) % slices
@@ -233,8 +229,6 @@ def decode_scaled(path: str | Path, short_side: int) -> Decoded:
     states (by more than a frame and 2%: containers' counts of whole videos are that loose).
     """
     import av
-
-    from action3d.data import raw
 
     frames, stopped, stated = [], "", 0
     try:
@@ -293,8 +287,6 @@ class CacheEntry:
 
 def _is_done(target: Path, short_side: int, source: Path) -> PackInfo | None:
     """The scratch pack's info when it is whole, at the wanted resolution and made from the video now at `source`."""
-    from action3d.data import raw
-
     if not target.exists() or not raw.exists(source):
         return None
     try:
@@ -368,13 +360,6 @@ def manifest_paths(manifests: str | Path | Iterable[str | Path]) -> list[str]:
             for row in reader:
                 seen.setdefault(row["path"], None)
     return list(seen)
-
-
-def shard_count(total_bytes: int, shard_mb: float) -> int:
-    """Shards for a slice of `total_bytes`: the smallest power of two that keeps each near `shard_mb` or under. A
-    power of two, so that a slice that grows past one splits every shard in two, each video staying in one half."""
-    wanted = max(1, math.ceil(total_bytes / (shard_mb * 2**20)))
-    return 1 << (wanted - 1).bit_length()
 
 
 def build_slice(

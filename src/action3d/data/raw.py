@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import csv
 import functools
+import hashlib
 import io
+import math
 import os
 import shutil
 import tarfile
@@ -31,6 +33,42 @@ from action3d.progress import show_bars
 
 INDEX = "videos.csv"  # marks a packed set
 TARS = "videos"  # the folder of its tar files
+
+
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".3gp", ".ogv")
+
+
+def is_video_name(path: str | Path) -> bool:
+    """True when the file name has a video extension (case-insensitive)."""
+    return Path(path).suffix.lower() in VIDEO_EXTENSIONS
+
+
+def video_hash(rel_path: str) -> int:
+    """A stable 64-bit hash of a video's path in its set: where it goes (raw tar, cache slice and shard), anywhere."""
+    return int.from_bytes(hashlib.blake2b(rel_path.encode(), digest_size=8).digest(), "big")
+
+
+def shard_count(total_bytes: int, shard_mb: float) -> int:
+    """Files for `total_bytes`: the smallest power of two that keeps each near `shard_mb` or under. A power of two,
+    so that a set that grows past one splits every file in two, each video staying in one half, and so that raw
+    tars and cache slices (both powers of two) line up."""
+    wanted = max(1, math.ceil(total_bytes / (shard_mb * 2**20)))
+    return 1 << (wanted - 1).bit_length()
+
+
+def fingerprint(path: str | Path, chunk: int = 8192) -> bytes:
+    """16 bytes that change when a video file changes: a hash of its size and its first and last `chunk` bytes.
+
+    Cheap on a large set (two small reads per file) and, unlike modification times, kept by copies and checkouts.
+    """
+    total = size(path)
+    digest = hashlib.blake2b(str(total).encode(), digest_size=16)
+    with open_video(path) as f:
+        digest.update(f.read(chunk))
+        if total > chunk:
+            f.seek(max(total - chunk, chunk))
+            digest.update(f.read(chunk))
+    return digest.digest()
 
 
 @dataclass(frozen=True)
@@ -148,9 +186,6 @@ def pack(source: str | Path, dest: str | Path, *, shard_mb: float = 1024, progre
     """Pack the set at `source` (any layout) into `dest`: its videos into tars of about `shard_mb` (a power of two of
     them), every other file copied. Atomic per file; the index is written last, so a `dest` without one is
     unfinished. Returns counts."""
-    from action3d.data.cache import shard_count, video_hash
-    from action3d.data.video import is_video_name
-
     source, dest = Path(source), Path(dest)
     if (dest / INDEX).exists():
         raise FileExistsError(f"{dest} already holds a packed set ({INDEX}); pack into a new folder")

@@ -15,15 +15,11 @@ from typing import Iterable
 import numpy as np
 
 from action3d.atomic import write_atomic_bytes, write_atomic_text  # noqa: F401  (re-exported)
+from action3d.data import raw
+from action3d.data.raw import VIDEO_EXTENSIONS, fingerprint, is_video_name  # noqa: F401  (re-exported)
 from action3d.errors import Action3dError
 
-VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".3gp", ".ogv")
 CONTAINER_FORMATS = {".mp4": "mp4", ".avi": "avi", ".mkv": "matroska", ".mov": "mov", ".m4v": "mp4"}
-
-
-def is_video_name(path: str | Path) -> bool:
-    """True when the file name has a video extension (case-insensitive)."""
-    return Path(path).suffix.lower() in VIDEO_EXTENSIONS
 
 
 def atomic_path(path: Path) -> Path:
@@ -142,25 +138,6 @@ class VideoReadError(Action3dError, RuntimeError):
         super().__init__(f"{path}: unreadable video ({reason})")
 
 
-def fingerprint(path: str | Path, chunk: int = 8192) -> bytes:
-    """16 bytes that change when a video file changes: a hash of its size and its first and last `chunk` bytes.
-
-    Cheap on a large set (two small reads per file) and, unlike modification times, kept by copies and checkouts.
-    """
-    import hashlib
-
-    from action3d.data import raw
-
-    size = raw.size(path)
-    digest = hashlib.blake2b(str(size).encode(), digest_size=16)
-    with raw.open_video(path) as f:
-        digest.update(f.read(chunk))
-        if size > chunk:
-            f.seek(max(size - chunk, chunk))
-            digest.update(f.read(chunk))
-    return digest.digest()
-
-
 @dataclass(frozen=True)
 class ProbeResult:
     """What a probe learnt about one file. `error` is None for a readable video. `fingerprint` (hex) and `bytes`
@@ -197,8 +174,6 @@ def probe_video(path: str | Path, *, decode: bool = True, open_video: bool = Tru
 
     The frame count comes from the container when it states one, else from duration x frame rate.
     """
-    from action3d.data import raw
-
     path = Path(path)
     try:
         known = {"fingerprint": fingerprint(path).hex(), "bytes": raw.size(path)}
