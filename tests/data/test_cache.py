@@ -163,6 +163,12 @@ def test_corrupt_inputs_are_recorded_and_skipped(ucf_root, copy_of, tmp_path):
     assert train[0] in report.summary()
 
 
+def test_a_cache_of_one_file_per_video_is_named_with_what_to_do(tmp_path):
+    (tmp_path / "index.csv").write_text("path,frames,height,width,fps,bytes,error,truncated\nv.avi,30,24,32,25.0,9,,\n")
+    with pytest.raises(CacheError, match=r"one file per video.*delete .* and run `dvc repro`"):
+        read_index(tmp_path)
+
+
 def test_a_file_that_is_not_a_pack_is_named(tmp_path):
     bad = tmp_path / "x.a3d"
     bad.write_bytes(b"something else entirely, long enough to hold a header")

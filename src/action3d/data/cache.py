@@ -518,9 +518,9 @@ def build_cache(
 def index_files(cache_root: str | Path) -> list[Path]:
     """The index.csv of every slice under `cache_root` (or of `cache_root` itself, a slice folder), in slice order."""
     root = Path(cache_root)
-    if (root / INDEX).is_file():
-        return [root / INDEX]
     found = [p / INDEX for p in root.glob(f"{SLICE_PREFIX}*") if (p / INDEX).is_file()]
+    if not found and (root / INDEX).is_file():
+        return [root / INDEX]
     return sorted(found, key=lambda p: int(p.parent.name[len(SLICE_PREFIX):]) if p.parent.name[
         len(SLICE_PREFIX):].isdigit() else -1)
 
@@ -555,7 +555,11 @@ def read_index(cache_root: str | Path) -> dict[str, CacheEntry]:
     for file in index_files(root):
         prefix = file.parent.relative_to(root).as_posix()
         with open(file, newline="") as f:
-            for row in csv.DictReader(f):
+            reader = csv.DictReader(f)
+            if "shard" not in (reader.fieldnames or []):
+                raise CacheError(f"{file} is the index of a cache of one file per video, which this version does not "
+                                 f"read: delete {root} and run `dvc repro` (the cache stage writes shards now)")
+            for row in reader:
                 values = {k: int(row[k]) if k in _INT_FIELDS else row[k] for k in CacheEntry.__dataclass_fields__}
                 values["fps"] = float(row["fps"])
                 if values["shard"] and prefix != ".":
