@@ -115,7 +115,8 @@ if "$PY" -c "import av, mlflow, pydantic, yaml, pytorchvideo, torchvision" 2>/de
             set -e
             "$0" -m action3d.cli stage synth --role pretrain --out data/demo/pretrain "$@"
             "$0" -m action3d.cli stage split --role pretrain --out data/splits/pretrain "$@"
-            "$0" -m action3d.cli stage cache --role pretrain --manifests data/splits/pretrain --out data/cache/pretrain "$@"
+            "$0" -m action3d.cli stage cache --role pretrain --videos data/splits/pretrain/slices/0.csv \
+                --out data/cache/pretrain/slice-0 "$@"
             "$0" -m action3d.cli stage scratch --role pretrain --manifests data/splits/pretrain --cache data/cache/pretrain \
                 --out runs/scratch/pretrain "$@"
         ' "$PY" "${S[@]}") 2>&1 | tee "$OUT/stage.log" | tail -5 || echo "the demo stage failed or timed out"

@@ -1,6 +1,6 @@
-"""Video loading throughput: stock pytorchvideo vs the reference's JPEG frames vs our frame-pack cache.
+"""Video loading throughput: stock pytorchvideo vs the reference's JPEG frames vs our frame cache.
 
-Four ways to get the same clips (same videos, same 16-frame windows) as the same float tensors
+Five ways to get the same clips (same videos, same 16-frame windows) as the same float tensors
 [3, 16, crop, crop], side by side in one run:
 
   (a) stock pytorchvideo: LabeledVideoDataset + PyAV decoder on the raw 320x240 H.264 videos (sparse keyframes);
@@ -8,7 +8,8 @@ Four ways to get the same clips (same videos, same 16-frame windows) as the same
       centre-cropped per frame with PIL as its spatial transforms do;
   (b') the same JPEG folders and reader, but with the frames of our cache: scaled to its short side and encoded at
       its quality, so that (b') vs (c) compares the formats alone and (b) vs (b') the resolutions;
-  (c) ours: frame packs at the training resolution (cache.py) through ClipDataset (loaders.py).
+  (c) ours: frame packs at the training resolution in shards (cache.py) through ClipDataset (loaders.py);
+  (c') the same frame packs, one file per video (the cache's format before shards): (c) vs (c') is what shards cost.
 
 Each is timed in one process pinned to one core (clips/s per worker process) and through a DataLoader with one
 worker per core (clips/s for the whole machine); the median of `--repeats` runs is kept. Bytes on disk and files
@@ -29,6 +30,7 @@ import sys
 import tempfile
 import time
 from fractions import Fraction
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +38,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from action3d.data.annotations import build_manifests
-from action3d.data.cache import build_cache, cache_path, decode_scaled, read_index
+from action3d.data.cache import build_cache, decode_scaled, read_index
 from action3d.data.loaders import ClipDataset, load_records
 from action3d.data.synthetic import synth_kinetics
 from action3d.data.transforms import KINETICS_MEAN, KINETICS_STD, EvalPreset
@@ -211,22 +213,35 @@ def main(argv=None) -> dict:
     assert len(shapes) == 1, shapes
 
     index = read_index(work / "cache")
+    single = work / "packs"  # (c'): each video's pack, the very bytes, in a file of its own
+    for rec in records:
+        entry = index[rec.path]
+        target = single / f"{rec.path}.jpack"
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with open(work / "cache" / entry.shard, "rb") as shard:
+                shard.seek(entry.offset)
+                target.write_bytes(shard.read(entry.bytes))
+    single_records = [replace(r, cache=str(single / f"{r.path}.jpack"), offset=0) for r in records]
     stock = "stock pytorchvideo + PyAV, raw 320x240"
     jpeg = f"JPEG frames + PIL (reference: 320x240, q{args.jpeg_quality})"
     jpeg_small = f"JPEG frames + PIL ({args.short_side} px, q{args.cache_quality})"
-    packs = f"frame packs + our loader ({args.short_side} px, q{args.cache_quality})"
+    packs = f"frame packs in shards + our loader ({args.short_side} px, q{args.cache_quality})"
+    one_pack = f"one frame pack per video + our loader ({args.short_side} px, q{args.cache_quality})"
     labels = [r.label for r in records]
     sizes = {
         stock: folder_bytes([raw / r.path for r in records]),
         jpeg: folder_bytes([p for d in jpeg_dirs for p in d.iterdir()]),
         jpeg_small: folder_bytes([p for d in small_dirs for p in d.iterdir()]),
-        packs: folder_bytes([cache_path(work / "cache", r.path) for r in records]),
+        packs: folder_bytes(sorted({work / "cache" / index[r.path].shard for r in records})),
+        one_pack: folder_bytes([Path(r.cache) for r in single_records]),
     }
     makers = {
         stock: lambda sub: stock_dataset(sub, raw, records, args.clip_frames, fps, args.crop),
         jpeg: lambda sub: JpegFrames(sub, jpeg_dirs, labels, args.clip_frames, args.crop),
         jpeg_small: lambda sub: JpegFrames(sub, small_dirs, labels, args.clip_frames, args.crop),
         packs: lambda sub: _ours(records, args, sub),
+        one_pack: lambda sub: _ours(single_records, args, sub),
     }
     results = {}
     for name, make in makers.items():
@@ -264,6 +279,8 @@ def main(argv=None) -> dict:
                                                    / results[jpeg_small]["clips_per_s_per_process"]),
             "ours_bytes_vs_jpeg": ours["bytes_per_video"] / results[jpeg]["bytes_per_video"],
             "ours_bytes_vs_jpeg_same_size": ours["bytes_per_video"] / results[jpeg_small]["bytes_per_video"],
+            "shards_vs_one_pack_per_video_per_process": (ours["clips_per_s_per_process"]
+                                                         / results[one_pack]["clips_per_s_per_process"]),
         },
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -286,12 +303,13 @@ def markdown_table(report: dict) -> str:
             "| --- | ---: | ---: | ---: | ---: |"]
     for name, r in report["results"].items():
         rows.append(f"| {name} | {r['clips_per_s_per_process']:.1f} | {r['clips_per_s_machine']:.1f} | "
-                    f"{r['bytes_per_video'] / 1e3:.0f} KB | {r['files_per_video']:.0f} |")
+                    f"{r['bytes_per_video'] / 1e3:.0f} KB | {r['files_per_video']:.2g} |")
     ratios = report["ratios"]
     rows.append("")
     rows.append(f"per process, ours / stock: {ratios['ours_vs_stock_per_process']:.1f}x; ours / reference JPEG "
                 f"frames: {ratios['ours_vs_jpeg_per_process']:.1f}x; ours / same-size JPEG frames: "
-                f"{ratios['ours_vs_jpeg_same_size_per_process']:.1f}x. Cache bytes / JPEG bytes: "
+                f"{ratios['ours_vs_jpeg_same_size_per_process']:.1f}x; shards / one pack per video: "
+                f"{ratios['shards_vs_one_pack_per_video_per_process']:.2f}x. Cache bytes / JPEG bytes: "
                 f"{ratios['ours_bytes_vs_jpeg']:.2f} (reference), {ratios['ours_bytes_vs_jpeg_same_size']:.2f} "
                 "(same size)")
     s = report["setup"]

@@ -85,7 +85,8 @@ def tiny_data(tmp_path_factory, tiny_params) -> Path:
         for role in ("pretrain", "finetune"):
             STAGES["synth"].run(tiny_params, role=role, out=f"data/demo/{role}")
             STAGES["split"].run(tiny_params, role=role, out=f"data/splits/{role}")
-            STAGES["cache"].run(tiny_params, role=role, manifests=f"data/splits/{role}", out=f"data/cache/{role}")
+            STAGES["cache"].run(tiny_params, role=role, videos=f"data/splits/{role}/slices/0.csv",
+                                out=f"data/cache/{role}/slice-0")
     finally:
         os.chdir(cwd)
     return root

@@ -152,6 +152,21 @@ def _cmd_remote(args) -> None:
         print(f"DVC remote {remote.name!r} = {remote.url} answers")
 
 
+def _cmd_data_pack(args) -> dict:
+    from action3d.data.raw import pack
+
+    if not Path(args.source).is_dir():
+        raise Action3dError(f"{args.source}: no such folder; give the set's folder in its official layout")
+    try:
+        done = pack(args.source, args.dest, shard_mb=args.shard_mb)
+    except FileExistsError as err:
+        raise Action3dError(str(err)) from None
+    print(f"packed {done['videos']} videos of {args.source} into {done['tars']} tar file(s) in {args.dest} "
+          f"({done['bytes'] / 1e9:.2f} GB), {done['other_files']} other file(s) copied: `dvc add {args.dest}` tracks "
+          f"{done['tars'] + done['other_files'] + 1} files; set data.<role>.path: {args.dest}")
+    return done
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="action3d", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -215,6 +230,15 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)  # extra process N of --n-workers
     tune.add_argument("--parent-run", default=None, help=argparse.SUPPRESS)
     tune.set_defaults(func=_cmd_tune)
+
+    data = sub.add_parser("data", help="raw data sets: pack a large one into a few tar files read in place")
+    datas = data.add_subparsers(dest="data_command", required=True)
+    pack = datas.add_parser("pack", help="a set in its official layout -> DEST/videos/*.tar + DEST/videos.csv, the "
+                                         "annotation files copied (for 10^5 videos and more: DVC pays per file)")
+    pack.add_argument("source", help="the set's folder (UCF-101, HMDB-51, Kinetics or class folders)")
+    pack.add_argument("dest", help="a new folder for the packed set")
+    pack.add_argument("--shard-mb", type=float, default=1024, help="about this many MB per tar file (default 1024)")
+    pack.set_defaults(func=_cmd_data_pack)
 
     remote = sub.add_parser("remote", help="the DVC remote on S3 that workers pull data from and push results to")
     remotes = remote.add_subparsers(dest="remote_command", required=True)

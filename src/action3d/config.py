@@ -81,11 +81,22 @@ class Split(Section):
     probe: bool = True
     min_frames: int = 16
     allow_leakage: bool = False
+    min_coverage: float = Field(0.0, ge=0.0, le=1.0)  # found and readable / listed, per subset; below it: stop
 
 
 class Cache(Section):
     short_side: int = 128
     quality: int = Field(90, ge=1, le=100)
+    shard_mb: float = Field(256, gt=0)  # about this many MB per shard file (DVC, S3 and copies pay per file)
+    slices: list[int] = [0]  # one DVC stage per slice (cache@<role>-<k>): [0, 1, ..., K-1] lets K machines build
+
+    @field_validator("slices")
+    @classmethod
+    def _slices_count_from_0(cls, value: list[int]) -> list[int]:
+        if value != list(range(len(value))) or not value:
+            raise ValueError(f"slices must be the slice numbers 0, 1, ..., K-1 in order (K slices); got {value}. For "
+                             f"4 machines: [0, 1, 2, 3]")
+        return value
 
 
 # --- model and training ----------------------------------------------------------------------------------------

@@ -298,6 +298,14 @@ class Workspace:
         commit = self.run("git", "commit-tree", tree, *parents, "-m", message.strip()).stdout.strip()
         self.run("git", "update-ref", ref, commit)
 
+    def experiment_ref(self, name: str) -> str:
+        """The git ref of experiment `name` here (refs/exps/.../name): what another clone fetches to check it out."""
+        refs = self.run("git", "for-each-ref", "--format=%(refname)", "refs/exps").stdout.split()
+        found = [ref for ref in refs if ref.rsplit("/", 1)[-1] == name]
+        if not found:
+            raise WorkspaceError(f"no DVC experiment {name!r} in {self.root}")
+        return found[0]
+
     def push_experiment(self, name: str, git_remote: str = "origin", *, cache: bool = True) -> None:
         """`dvc exp push`: the experiment's git ref to `git_remote`; with `cache`, its outputs and the stages' run
         cache to the default DVC remote (so another worker restores those stages instead of running them)."""

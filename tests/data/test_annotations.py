@@ -161,6 +161,48 @@ def test_missing_corrupt_zero_byte_and_short_videos_are_reported(ucf_root, copy_
     assert saved["unreadable"][train[1]] == "zero-byte file"
 
 
+def test_coverage_per_subset_and_a_minimum_that_stops_naming_the_numbers(ucf_root, copy_of):
+    """Public copies of Kinetics miss some of their videos: each subset's coverage (found and readable / listed) is
+    in the report; under split.min_coverage the split stops with the numbers, the report written for a look."""
+    root = copy_of(ucf_root)
+    train = [ln.split()[0] for ln in (root / "trainlist01.txt").read_text().splitlines()]
+    (root / train[0]).unlink()
+    (root / train[1]).write_bytes(b"\x00garbage" * 100)
+    report = build_manifests("ucf101", root, root / "out", val_fraction=0.0, **FAST)
+    listed = len(train)
+    assert report.coverage == {"train": {"listed": listed, "found": listed - 2}, "test": {"listed": 6, "found": 6}}
+    assert f"train {listed - 2}/{listed}" in report.summary()
+    with pytest.raises(AnnotationError, match=rf"train: {listed - 2} of {listed} listed videos found and readable "
+                                              rf"\(83.3%\), under split.min_coverage 90%.*report.json"):
+        build_manifests("ucf101", root, root / "out2", val_fraction=0.0, min_coverage=0.9, **FAST)
+    assert json.loads((root / "out2" / "report.json").read_text())["coverage"]["train"]["found"] == listed - 2
+    build_manifests("ucf101", root, root / "out3", val_fraction=0.0, min_coverage=0.8, **FAST)  # 83% is enough
+
+
+def test_slice_lists_hold_every_kept_video_once_with_its_fingerprint(ucf_root, copy_of, tiny_video):
+    """slices/<k>.csv: what cache@<role>-<k> depends on. A changed video changes its own slice's list alone."""
+    from action3d.data.annotations import read_slice
+    from action3d.data.cache import slice_of
+    from action3d.data.video import fingerprint
+
+    root = copy_of(ucf_root)
+    build_manifests("ucf101", root, root / "out", val_fraction=0.0, slices=3, probe=False, **FAST)
+    kept = {r["path"] for subset in ("train", "val", "test") for r in _rows(root / "out", subset)}
+    lists = {k: read_slice(root / "out" / "slices" / f"{k}.csv") for k in range(3)}
+    assert sorted(p for paths in lists.values() for p in paths) == sorted(kept)
+    assert all(slice_of(p, 3) == k for k, paths in lists.items() for p in paths)
+    rows = list(csv.DictReader(open(root / "out" / "slices" / "0.csv", newline="")))
+    assert all(r["fingerprint"] == fingerprint(root / r["path"]).hex() for r in rows)
+    before = {k: (root / "out" / "slices" / f"{k}.csv").read_bytes() for k in range(3)}
+    changed = lists[1][0]
+    tiny_video(root / changed, frames=30, seed=7)
+    build_manifests("ucf101", root, root / "out", val_fraction=0.0, slices=3, probe=False, **FAST)
+    after = {k: (root / "out" / "slices" / f"{k}.csv").read_bytes() for k in range(3)}
+    assert [k for k in range(3) if before[k] != after[k]] == [1]
+    build_manifests("ucf101", root, root / "out", val_fraction=0.0, slices=1, probe=False, **FAST)
+    assert sorted(p.name for p in (root / "out" / "slices").iterdir()) == ["0.csv"]  # no stale slice left
+
+
 def test_duplicates_and_videos_in_no_split(ucf_root, copy_of, tiny_video):
     root = copy_of(ucf_root)
     first = (root / "trainlist01.txt").read_text().splitlines()[0]

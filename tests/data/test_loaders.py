@@ -12,7 +12,7 @@ import torch
 from pytorchvideo.data.clip_sampling import RandomClipSampler
 
 from action3d.data.annotations import build_manifests, read_manifest
-from action3d.data.cache import build_cache, cache_path
+from action3d.data.cache import build_cache, read_index
 from action3d.data.loaders import PackedVideo, clip_indices, make_eval_loader, make_train_loader
 from action3d.data.transforms import KINETICS_MEAN, KINETICS_STD
 from action3d.data.video import write_video
@@ -127,8 +127,10 @@ def test_a_bad_video_mid_epoch_is_skipped_and_counted(data, tmp_path, caplog):
     shutil.copytree(data / "cache", cache)
     rows = read_manifest(data / "splits" / "train.csv")
     loader = make_train_loader(data / "splits" / "train.csv", cache, batch_size=4, workers=2, seed=0, **CLIP)
-    pack = cache_path(cache, rows[5]["path"])
-    pack.write_bytes(pack.read_bytes()[:60])  # damaged after the loader was built
+    entry = read_index(cache)[rows[5]["path"]]
+    with open(cache / entry.shard, "r+b") as shard:  # its frames damaged in its shard after the loader was built
+        shard.seek(entry.offset + entry.bytes // 2)
+        shard.write(b"\0" * (entry.bytes // 2))
     seen = torch.cat([b["video_index"] for b in loader]).tolist()
     assert sorted(seen) == [i for i in range(12) if i != 5]
     assert loader.skipped_videos == 1
@@ -142,8 +144,9 @@ def test_videos_missing_from_the_cache_are_left_out(data, tmp_path):
     cache = tmp_path / "cache"
     shutil.copytree(data / "cache", cache)
     rows = read_manifest(data / "splits" / "test.csv")
-    (cache / "index.csv").unlink()  # no index: the loader reads the pack headers
-    cache_path(cache, rows[0]["path"]).unlink()
+    index = cache / "slice-0" / "index.csv"
+    index.write_text("".join(line for line in index.read_text().splitlines(keepends=True)
+                             if not line.startswith(rows[0]["path"] + ",")))  # a video the cache does not hold
     loader = make_eval_loader(data / "splits" / "test.csv", cache, batch_size=4, workers=0, **CLIP)
     assert {r.index for r in loader.dataset.records} == set(range(1, 6))
 
@@ -172,7 +175,8 @@ def test_sharding_for_ddp(data):
 
 def test_packed_video_speaks_pytorchvideo(data):
     rows = read_manifest(data / "splits" / "test.csv")
-    video = PackedVideo(cache_path(data / "cache", rows[0]["path"]))
+    entry = read_index(data / "cache")[rows[0]["path"]]
+    video = PackedVideo(data / "cache" / entry.shard, offset=entry.offset, length=entry.bytes)
     assert video.duration == Fraction(30, 25)
     clip = video.get_clip(Fraction(4, 25), Fraction(12, 25))["video"]
     assert clip.shape == (3, 8, 24, 32) and clip.dtype == torch.uint8

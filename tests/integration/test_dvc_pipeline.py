@@ -16,8 +16,8 @@ from tests.helpers import ran, run
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-EVERY_STAGE = {"check", "synth@pretrain", "synth@finetune", "split@pretrain", "split@finetune", "cache@pretrain",
-               "cache@finetune", "scratch@pretrain", "scratch@finetune", "finetune", "evaluate@finetune",
+EVERY_STAGE = {"check", "synth@pretrain", "synth@finetune", "split@pretrain", "split@finetune", "cache@pretrain-0",
+               "cache@finetune-0", "scratch@pretrain", "scratch@finetune", "finetune", "evaluate@finetune",
                "evaluate@scratch", "summary", "register"}
 
 

@@ -78,7 +78,7 @@ def test_a_published_checkpoint_fine_tunes_on_ucf101_with_no_edit_of_dvc_yaml(wa
     from mlflow import MlflowClient
 
     repo, output = walkthrough
-    assert ran(output) == {"check", "split@finetune", "cache@finetune", "scratch@finetune", "finetune",
+    assert ran(output) == {"check", "split@finetune", "cache@finetune-0", "scratch@finetune", "finetune",
                            "evaluate@finetune", "evaluate@scratch", "summary", "register"}  # no pretraining, no demo
     assert run(repo, "git", "diff", "HEAD~2", "--", "dvc.yaml").stdout == ""
     registration = json.loads((repo / "runs/register/registration.json").read_text())

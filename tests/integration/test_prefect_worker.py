@@ -111,7 +111,7 @@ def test_a_deployed_run_on_a_worker_loses_nothing_and_is_pulled_back_byte_identi
                                                        f"storage.checkpoints=s3://{s3_bucket}/checkpoints"])
     _run(project, BIN / "action3d", "remote", "setup", f"s3://{s3_bucket}/dvc", env=env)
     # the data stages made here, recorded in dvc.lock and pushed: the worker pulls them instead of making them
-    _run(project, BIN / "dvc", "repro", "cache@pretrain", "cache@finetune", env=env)
+    _run(project, BIN / "dvc", "repro", "cache@pretrain-0", "cache@finetune-0", env=env)
     _run(project, BIN / "dvc", "push", env=env)
     _run(project, "git", "add", "-A", env=env)
     _run(project, "git", "commit", "-qm", "DVC remote on S3, the data stages' lock", env=env)
@@ -126,9 +126,10 @@ def test_a_deployed_run_on_a_worker_loses_nothing_and_is_pulled_back_byte_identi
                log_path=tmp_path / "prefect-server.log", timeout=240):
         # our deploy script stops on a missing pool before deploying anything
         missing = _run(project, sys.executable, "flows/deploy.py", "--repository", origin, env=env, check=False)
-        assert missing.returncode == 2 and "work pool 'gpu'" in missing.stderr and "prefect work-pool create" in (
+        assert missing.returncode == 2 and "work pool 'cpu'" in missing.stderr and "prefect work-pool create" in (
             missing.stderr)
-        _run(project, BIN / "prefect", "work-pool", "create", "gpu", "--type", "process", env=env)
+        for pool in ("gpu", "cpu"):  # training, and the data work of the cache flow
+            _run(project, BIN / "prefect", "work-pool", "create", pool, "--type", "process", env=env)
         _run(project, sys.executable, "flows/deploy.py", "--repository", origin, "--require-remote", env=env)
 
         # a worker with no MLFLOW_TRACKING_URI: the run stops before any stage, saying why
@@ -155,7 +156,7 @@ def test_a_deployed_run_on_a_worker_loses_nothing_and_is_pulled_back_byte_identi
         second = (tmp_path / "worker.log").read_text(errors="replace")[len(log):]
         assert "Completed" in again, again[-3000:] + second[-5000:]
         assert "Running stage" not in second and second.count(": up to date, not run") == 14  # every stage
-        for stage in ("synth@pretrain", "split@pretrain", "cache@finetune"):  # pulled from S3, not made again
+        for stage in ("synth@pretrain", "split@pretrain", "cache@finetune-0"):  # pulled from S3, not made again
             assert f"{stage}: up to date, not run" in log and f"Running stage '{stage}'" not in log
         assert "scratch@pretrain: ran scratch@pretrain" in log
         assert 1 <= killed_at < EPOCHS

@@ -200,7 +200,8 @@ def colours(tmp_path_factory) -> Path:
                              "scratch.finetune.lr=0.05"])
     (root / ".dvc").mkdir()
     for argv in (["split", "--role", "finetune", "--out", "data/splits/finetune"],
-                 ["cache", "--role", "finetune", "--manifests", "data/splits/finetune", "--out", "data/cache/finetune"],
+                 ["cache", "--role", "finetune", "--videos", "data/splits/finetune/slices/0.csv", "--out",
+                  "data/cache/finetune/slice-0"],
                  ["scratch", "--role", "finetune", "--manifests", "data/splits/finetune", "--cache",
                   "data/cache/finetune", "--out", "runs/scratch/finetune"]):  # as dvc.yaml runs them
         action3d(root, "stage", *argv, "--quiet")

@@ -77,5 +77,6 @@ def test_the_test_data_digest_changes_with_the_frames_not_only_the_split_file(wo
     splits, cache = workdir / "data/splits/finetune", workdir / "data/cache/finetune"
     before = split_digest(splits / "test.csv", cache)
     assert split_digest(splits / "test.csv", cache) == before
-    (cache / "index.csv").write_text((cache / "index.csv").read_text().replace(",", ";", 1))  # other frames
+    index = cache / "slice-0" / "index.csv"
+    index.write_text(index.read_text().replace(",", ";", 1))  # other frames
     assert split_digest(splits / "test.csv", cache) != before

@@ -148,14 +148,30 @@ def test_model_pt_holds_the_kept_epoch_and_switching_keep_retrains_nothing(workd
                for k, v in state(out / "model.pt")["state_dict"].items())
 
 
+def test_split_logs_each_subsets_coverage_with_its_manifests_to_mlflow(workdir, tiny_params):
+    from mlflow import MlflowClient
+
+    out = workdir / "data/splits/again"
+    metrics = STAGES["split"].run(tiny_params, role="finetune", out=out)
+    assert metrics["coverage_train"] == metrics["coverage_test"] == 1.0
+    client = MlflowClient(tracking_uri())
+    (run,) = client.search_runs([client.get_experiment_by_name("action3d").experiment_id],
+                                "tags.stage = 'split@finetune'")
+    assert run.data.metrics["coverage_train"] == 1.0
+    assert run.data.metrics["listed_train"] == run.data.metrics["found_train"] == metrics["train"]
+    logged = {i.tags[0].value: i.dataset for i in run.inputs.dataset_inputs}  # context -> dataset
+    assert set(logged) == {"train", "val", "test"}
+    assert logged["train"].digest == file_md5(out / "train.csv")
+
+
 def test_a_changed_cache_knob_trains_afresh_in_a_new_mlflow_run(workdir, tiny_params):
     """The resume key covers the frame cache: new frames are never trained on from an old checkpoint, and the new
     knobs go to a new MLflow run (MLflow refuses to change a run's params)."""
     first = scratch(tiny_params, workdir)
     first_run = run_of(workdir / "runs/scratch/pretrain")
     params = load_params(ROOT / "params.yaml", [*TINY, "cache.short_side=36"])
-    STAGES["cache"].run(params, role="pretrain", manifests=workdir / "data/splits/pretrain",
-                        out=workdir / "data/cache/pretrain")
+    STAGES["cache"].run(params, role="pretrain", videos=workdir / "data/splits/pretrain/slices/0.csv",
+                        out=workdir / "data/cache/pretrain/slice-0")
     again = scratch(params, workdir)
     assert (first["epochs_resumed"], again["epochs_resumed"], again["epochs"]) == (0, 0, 2)
     assert run_of(workdir / "runs/scratch/pretrain") != first_run

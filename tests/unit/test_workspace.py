@@ -52,7 +52,7 @@ def test_a_bad_override_changes_nothing_and_names_the_key(ws):
 def test_stages_of_a_target_are_it_and_what_it_needs_in_dag_order(ws):
     everything = ws.stages()
     assert everything[0] == "check" and everything[-1] == "register" and "split@pretrain" in everything
-    assert ws.stages(["scratch@finetune"]) == ["check", "synth@finetune", "split@finetune", "cache@finetune",
+    assert ws.stages(["scratch@finetune"]) == ["check", "synth@finetune", "split@finetune", "cache@finetune-0",
                                                "scratch@finetune"]
     assert "scratch@pretrain" in ws.stages(["finetune"])  # its weights are what scratch@pretrain makes
     with pytest.raises(WorkspaceError, match="no stage 'scratch@pretrian'.*scratch@pretrain"):

@@ -23,6 +23,7 @@ relative to the data root), `classes.json` (names in label order) and `report.js
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import os
@@ -36,12 +37,14 @@ from typing import Iterable, NamedTuple
 
 from tqdm import tqdm
 
+from action3d.data import raw
 from action3d.data.video import ProbeResult, is_video_name, probe_video, write_atomic_text
 from action3d.errors import Action3dError
 from action3d.progress import show_bars
 
 MANIFEST_COLUMNS = ("path", "label", "label_name", "video_id", "group")
 SUBSETS = ("train", "val", "test")
+SLICES = "slices"  # the folder of slice lists in a set's manifests (slices/<k>.csv)
 LAYOUTS = ("ucf101", "hmdb51", "kinetics", "folder")
 
 
@@ -78,6 +81,7 @@ class SplitReport:
     short: dict[str, int] = field(default_factory=dict)  # fewer frames than min_frames (will be loop-padded)
     unused: int = 0  # HMDB-51 videos marked 0 in this split
     unlabelled: dict[str, int] = field(default_factory=dict)  # subset -> rows without a label (Kinetics test)
+    coverage: dict[str, dict[str, int]] = field(default_factory=dict)  # subset -> listed, found (and readable)
 
     @property
     def problems(self) -> int:
@@ -88,6 +92,9 @@ class SplitReport:
         """A human-readable report: counts, then each kind of problem with up to `limit` examples."""
         counts = ", ".join(f"{k} {v}" for k, v in self.counts.items())
         lines = [f"{self.layout} split {self.split} in {self.data_root}: {self.classes} classes; {counts}"]
+        if any(c["found"] < c["listed"] for c in self.coverage.values()):
+            lines.append("coverage: " + ", ".join(f"{s} {c['found']}/{c['listed']} ({c['found'] / c['listed']:.1%})"
+                                                  for s, c in self.coverage.items()))
 
         def section(title: str, items: list[str]) -> None:
             if items:
@@ -159,8 +166,7 @@ def missing_files(layout: str, root: Path, split: int = 1) -> str | None:
         return None if found else f"HMDB-51's split files (*_test_split{split}.txt)"
     if layout == "kinetics":
         return None if _lookup(root, _KINETICS_FILES["train"]) else "a Kinetics train CSV (kinetics_train.csv, ...)"
-    classes = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")] if root.is_dir() else []
-    videos = any(is_video_name(v) for c in classes for v in c.iterdir())
+    videos = root.is_dir() and any(rel.count("/") == 1 and is_video_name(rel) for rel in raw.listing(root))
     return None if videos else "class folders holding videos (<root>/<class>/<video>)"
 
 
@@ -170,13 +176,12 @@ def looks_like(root: Path, split: int = 1) -> list[str]:
 
 
 def _disk_videos(root: Path, depth: int) -> tuple[set[str], list[str]]:
-    """(videos, non-video files) at exactly `depth` folders below `root`, as paths relative to it."""
+    """(videos, non-video files) at exactly `depth` folders below `root`, as paths relative to it (a packed set's
+    videos from its index: `raw`)."""
     videos, others = set(), []
-    pattern = "/".join(["*"] * (depth + 1))
-    for path in root.glob(pattern):
-        if path.is_file() and not path.name.startswith("."):
-            rel = path.relative_to(root).as_posix()
-            (videos.add(rel) if is_video_name(path) else others.append(rel))
+    for rel in raw.listing(root):
+        if rel.count("/") == depth:
+            (videos.add(rel) if is_video_name(rel) else others.append(rel))
     return videos, sorted(others)
 
 
@@ -302,9 +307,9 @@ def _kinetics(root: Path, ann: Path, split: int) -> tuple[list[str], dict[str, l
     classes = sorted({values["label"] for _, values in train_rows})
     known = set(classes)
     by_key: dict[str, list[str]] = defaultdict(list)  # "<id>_<start>_<end>" -> relative paths on disk
-    for path in root.rglob("*"):
-        if path.is_file() and is_video_name(path):
-            by_key[path.stem].append(path.relative_to(root).as_posix())
+    for rel in raw.listing(root):
+        if is_video_name(rel):
+            by_key[Path(rel).stem].append(rel)
     subsets: dict[str, list[Entry]] = {s: [] for s in files}
     for subset, csv_file in files.items():
         rows = train_rows if subset == "train" else _kinetics_rows(csv_file, need_label=False)
@@ -340,13 +345,19 @@ def _pick_kinetics_path(candidates: list[str], subset: str, split_value: str, la
 def _folder(root: Path, ann: Path, split: int, *, seed: int, val_fraction: float, test_fraction: float
             ) -> tuple[list[str], dict[str, list[Entry]], SplitReport]:
     report = SplitReport("folder", str(root), split)
-    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not folders:
+    by_class: dict[str, list[str]] = defaultdict(list)
+    for rel in raw.listing(root):
+        if rel.count("/") == 1 and is_video_name(rel):
+            by_class[rel.split("/")[0]].append(rel.split("/")[1])
+    if raw.packed_index(str(root)) is None:  # a class folder without videos is a class, reported empty
+        by_class.update({p.name: [] for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
+                         and p.name not in by_class})
+    if not by_class:
         raise AnnotationError(f"{root}: no class folders; the folder layout is <root>/<class>/<video>")
-    classes = [p.name for p in folders]
+    classes = sorted(by_class)
     subsets: dict[str, list[Entry]] = {s: [] for s in SUBSETS}
-    for folder in folders:
-        videos = sorted(p.name for p in folder.iterdir() if p.is_file() and is_video_name(p))
+    for folder in [root / c for c in classes]:
+        videos = sorted(by_class[folder.name])
         random.Random(f"{seed}:{folder.name}").shuffle(videos)
         n = len(videos)
         n_test = min(round(n * test_fraction), max(n - 1, 0))
@@ -382,22 +393,57 @@ def carve_val(entries: list[Entry], fraction: float, seed: int) -> tuple[list[En
 # --- validation and writing ----------------------------------------------------------------------------------------
 
 
-def probe_all(paths: list[Path], *, workers: int | None = None, progress: bool = True) -> list[ProbeResult]:
-    """Probe every file (open, read the header, decode the first frame) in parallel, with a progress bar."""
+def probe_all(paths: list[Path], *, workers: int | None = None, progress: bool = True,
+              open_video: bool = True) -> list[ProbeResult]:
+    """Probe every file (fingerprint; with `open_video` also open it, read the header, decode the first frame) in
+    parallel, with a progress bar. At most a few thousand paths are in flight at a time, whatever the set's size."""
     workers = max(1, min(workers or os.cpu_count() or 1, len(paths) or 1))
-    bar = tqdm(total=len(paths), desc="probe", unit="video", disable=not show_bars(progress))
-    results = []
-    if workers == 1:
-        for p in paths:
-            results.append(probe_video(p))
-            bar.update()
-    else:
-        with ProcessPoolExecutor(workers) as pool:
-            for r in pool.map(probe_video, paths, chunksize=16):
+    probe = functools.partial(probe_video, open_video=open_video)
+    bar = tqdm(total=len(paths), desc="probe" if open_video else "fingerprint", unit="video",
+               disable=not show_bars(progress))
+    results: list[ProbeResult] = []
+    pool = ProcessPoolExecutor(workers) if workers > 1 else None
+    try:
+        for start in range(0, len(paths), 4096):  # pool.map submits all it is given: feed it in blocks
+            block = paths[start:start + 4096]
+            for r in (pool.map(probe, block, chunksize=16) if pool else map(probe, block)):
                 results.append(r)
                 bar.update()
-    bar.close()
+    finally:
+        bar.close()
+        if pool:
+            pool.shutdown(cancel_futures=True)
     return results
+
+
+def _write_slices(folder: Path, paths: list[str], probed: dict[str, ProbeResult], slices: int) -> None:
+    """slices/<k>.csv: the videos of slice k with their size and fingerprint (what cache@<role>-<k> depends on)."""
+    from action3d.data.cache import slice_of
+
+    rows: dict[int, list[str]] = {k: [] for k in range(slices)}
+    for rel in paths:
+        rows[slice_of(rel, slices)].append(f"{_csv_field(rel)},{probed[rel].bytes},{probed[rel].fingerprint}\n")
+    if folder.is_dir():
+        for stale in folder.glob("*.csv"):  # slices of an earlier count
+            if not stale.stem.isdigit() or int(stale.stem) >= slices:
+                stale.unlink()
+    for k, lines in rows.items():
+        write_atomic_text(folder / f"{k}.csv", "path,bytes,fingerprint\n" + "".join(lines))
+
+
+def _csv_field(value: str) -> str:
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="").writerow([value])
+    return buf.getvalue()
+
+
+def read_slice(path: str | Path) -> list[str]:
+    """The video paths a slices/<k>.csv lists."""
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames is None or "fingerprint" not in reader.fieldnames:
+            raise AnnotationError(f"{path}: not a slice list (path, bytes, fingerprint); the split stage writes them")
+        return [row["path"] for row in reader]
 
 
 def _manifest_text(entries: list[Entry], classes: list[str]) -> str:
@@ -423,6 +469,8 @@ def build_manifests(
     probe: bool = True,
     min_frames: int = 16,
     allow_leakage: bool = False,
+    min_coverage: float = 0.0,
+    slices: int = 1,
     workers: int | None = None,
     progress: bool = True,
 ) -> SplitReport:
@@ -432,9 +480,15 @@ def build_manifests(
     split 1, 2 or 3. `val_fraction` is the share of training groups moved to val (UCF-101, HMDB-51, folder; Kinetics
     has its own val CSV); `test_fraction` is the folder layout's test share; `seed` makes those choices repeatable.
     With `probe`, every listed video is opened and its first frame decoded (in parallel): unreadable ones are left
-    out of the manifests and reported. Missing files are left out and reported. Malformed annotation lines,
-    unknown classes and missing CSV columns raise `AnnotationError`; so does a group found in two subsets, unless
-    `allow_leakage` (the report is written first either way).
+    out of the manifests and reported. Missing files are left out and reported, and each subset's coverage (videos
+    found and readable over videos listed) is in the report: below `min_coverage` in any subset is an
+    `AnnotationError` naming the numbers (public copies of Kinetics miss 5-10% of their videos). Malformed
+    annotation lines, unknown classes and missing CSV columns raise `AnnotationError`; so does a group found in two
+    subsets, unless `allow_leakage` (the report is written first either way).
+
+    Every kept video is fingerprinted (size, first and last bytes) and listed with it in `slices/<k>.csv`, k its
+    slice of `slices` (a stable hash of its path): slice k of the cache depends on that file alone, so a changed
+    video rebuilds one slice.
     """
     if layout not in LAYOUTS:
         raise AnnotationError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
@@ -469,11 +523,12 @@ def build_manifests(
     if depth is not None:
         on_disk, report.non_video = _disk_videos(root, depth)
     else:
-        on_disk = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and is_video_name(p)}
+        on_disk = {rel for rel in raw.listing(root) if is_video_name(rel)}
     listed = {e.path for entries in subsets.values() for e in entries} | unused
     report.unlisted = sorted(on_disk - listed)
 
     # duplicates and missing files
+    listed_per_subset = {subset: len(subsets[subset]) for subset in SUBSETS}
     seen: dict[str, str] = {}
     for subset in SUBSETS:
         kept = []
@@ -482,20 +537,23 @@ def build_manifests(
                 report.duplicates.append(f"{e.path} ({e.source}; first in {seen[e.path]})")
                 continue
             seen[e.path] = f"{subset}, {e.source}"
-            if not (root / e.path).is_file():
+            if not raw.exists(root / e.path):
                 report.missing.append(f"{e.path} ({e.source})")
                 continue
             kept.append(e)
         subsets[subset] = kept
 
-    if probe:
-        paths = [e.path for s in SUBSETS for e in subsets[s]]
-        for rel, result in zip(paths, probe_all([root / p for p in paths], workers=workers, progress=progress)):
-            if not result.ok:
-                report.unreadable[rel] = result.error
-            elif result.frames < min_frames:
-                report.short[rel] = result.frames
-        subsets = {s: [e for e in subsets[s] if e.path not in report.unreadable] for s in SUBSETS}
+    paths = [e.path for s in SUBSETS for e in subsets[s]]
+    probed = dict(zip(paths, probe_all([root / p for p in paths], workers=workers, progress=progress,
+                                       open_video=probe)))
+    for rel, result in probed.items():
+        if not result.ok:
+            report.unreadable[rel] = result.error
+        elif probe and result.frames < min_frames:
+            report.short[rel] = result.frames
+    subsets = {s: [e for e in subsets[s] if e.path not in report.unreadable] for s in SUBSETS}
+    report.coverage = {s: {"listed": listed_per_subset[s], "found": len(subsets[s])} for s in SUBSETS
+                       if listed_per_subset[s]}
 
     # leakage and empty classes
     groups = {s: {e.group for e in subsets[s]} for s in SUBSETS}
@@ -520,6 +578,14 @@ def build_manifests(
         write_atomic_text(out / f"{subset}.csv", _manifest_text(subsets[subset], classes))
     write_atomic_text(out / "classes.json", json.dumps(classes, indent=1) + "\n")
     write_atomic_text(out / "report.json", json.dumps(asdict(report), indent=1) + "\n")
+    _write_slices(out / SLICES, sorted({e.path for s in SUBSETS for e in subsets[s]}), probed, slices)
+    low = {s: c for s, c in report.coverage.items() if c["found"] < min_coverage * c["listed"]}
+    if low:
+        found = "; ".join(f"{s}: {c['found']:,} of {c['listed']:,} listed videos found and readable "
+                          f"({c['found'] / c['listed']:.1%})" for s, c in low.items())
+        raise AnnotationError(f"{root}: {found}, under split.min_coverage {min_coverage:.0%}. Fetch the missing "
+                              f"videos (report.json lists them) or lower split.min_coverage. Report: "
+                              f"{out / 'report.json'}")
     if report.leaked_groups and not allow_leakage:
         pairs = "; ".join(f"{pair}: {', '.join(g[:5])}{' ...' if len(g) > 5 else ''}"
                           for pair, g in report.leaked_groups.items())

@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sequential
 from torch.utils.data._utils.collate import default_collate
 
 from action3d.data.annotations import AnnotationError, read_manifest
-from action3d.data.cache import CacheError, FramePack, cache_path, read_index
+from action3d.data.cache import CacheError, FramePack, read_index
 from action3d.data.transforms import EvalPreset, TrainPreset
 from action3d.distributed import ShardSampler, get_rank, get_world_size
 
@@ -48,14 +48,16 @@ log = logging.getLogger(__name__)
 
 
 class PackedVideo(Video):
-    """pytorchvideo's `Video` interface over one frame pack, so its clip samplers and tools apply unchanged.
+    """pytorchvideo's `Video` interface over one frame pack (in its shard, at `offset`), so its clip samplers and
+    tools apply unchanged.
 
     `get_clip(start_sec, end_sec)` returns {"video": uint8 [3, T, H, W], "audio": None} for the frames whose
     timestamps fall in [start_sec, end_sec). `frames(indices)` is the frame-exact access the datasets use.
     """
 
-    def __init__(self, path: str | Path, video_name: str | None = None, decode_audio: bool = False):
-        self._pack = FramePack(path)
+    def __init__(self, path: str | Path, video_name: str | None = None, decode_audio: bool = False, *,
+                 offset: int = 0, length: int | None = None):
+        self._pack = FramePack(path, offset, length)
         self._name = video_name or Path(path).name
 
     @property
@@ -96,10 +98,12 @@ class VideoRecord:
 
     index: int  # row in the manifest
     path: str  # relative to the data root
-    cache: str  # absolute frame-pack path
+    cache: str  # the shard holding its frame pack
     label: int
     frames: int
     fps: float
+    offset: int = 0  # of the pack in the shard
+    length: int | None = None  # of the pack, in bytes
 
 
 def clip_indices(start: int, clip_frames: int, stride: int, num_frames: int) -> list[int]:
@@ -169,21 +173,12 @@ def load_records(manifest_csv: str | Path, cache_root: str | Path) -> tuple[list
     records, left_out = [], []
     for i, row in enumerate(rows):
         entry = index.get(row["path"])
-        pack = cache_path(cache_root, row["path"])
-        if entry is None and pack.exists():  # no index (cache built elsewhere): read the pack's header
-            try:
-                info = FramePack(pack).info
-                entry_frames, entry_fps, error = info.frames, info.fps, ""
-            except CacheError as err:
-                entry_frames, entry_fps, error = 0, 0.0, str(err)
-        elif entry is not None:
-            entry_frames, entry_fps, error = entry.frames, entry.fps, entry.error
-        else:
-            entry_frames, entry_fps, error = 0, 0.0, "not in the cache"
-        if error or entry_frames == 0:
-            left_out.append(f"{row['path']}: {error or 'no frames'}")
+        error = "not in the cache" if entry is None else entry.error or ("" if entry.frames else "no frames")
+        if error:
+            left_out.append(f"{row['path']}: {error}")
             continue
-        records.append(VideoRecord(i, row["path"], str(pack), int(row["label"]), entry_frames, entry_fps))
+        records.append(VideoRecord(i, row["path"], str(Path(cache_root) / entry.shard), int(row["label"]),
+                                   entry.frames, entry.fps, entry.offset, entry.bytes))
     if left_out:
         log.warning("%s: %d video(s) left out (not cached or unreadable), e.g. %s", manifest_csv, len(left_out),
                     left_out[0])
@@ -264,7 +259,7 @@ class ClipDataset(Dataset):
             order = random.Random(f"{self.seed}:{key}").sample(range(len(indices)), len(indices))
             indices = [indices[k] for k in order]
         try:
-            frames = PackedVideo(rec.cache).frames(indices)
+            frames = PackedVideo(rec.cache, offset=rec.offset, length=rec.length).frames(indices)
         except (CacheError, OSError, RuntimeError, IndexError) as err:
             self.counter.add()
             log.warning("skipping unreadable video %s (%s)", rec.path, err)

@@ -15,15 +15,11 @@ from typing import Iterable
 import numpy as np
 
 from action3d.atomic import write_atomic_bytes, write_atomic_text  # noqa: F401  (re-exported)
+from action3d.data import raw
+from action3d.data.raw import VIDEO_EXTENSIONS, fingerprint, is_video_name  # noqa: F401  (re-exported)
 from action3d.errors import Action3dError
 
-VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".3gp", ".ogv")
 CONTAINER_FORMATS = {".mp4": "mp4", ".avi": "avi", ".mkv": "matroska", ".mov": "mov", ".m4v": "mp4"}
-
-
-def is_video_name(path: str | Path) -> bool:
-    """True when the file name has a video extension (case-insensitive)."""
-    return Path(path).suffix.lower() in VIDEO_EXTENSIONS
 
 
 def atomic_path(path: Path) -> Path:
@@ -144,7 +140,8 @@ class VideoReadError(Action3dError, RuntimeError):
 
 @dataclass(frozen=True)
 class ProbeResult:
-    """What a probe learnt about one file. `error` is None for a readable video."""
+    """What a probe learnt about one file. `error` is None for a readable video. `fingerprint` (hex) and `bytes`
+    are known for any file that exists; frames, fps and size only when the video was opened."""
 
     path: str
     frames: int = 0
@@ -152,6 +149,8 @@ class ProbeResult:
     width: int = 0
     height: int = 0
     error: str | None = None
+    fingerprint: str = ""
+    bytes: int = 0
 
     @property
     def ok(self) -> bool:
@@ -169,20 +168,27 @@ def stated_frames(container, stream, fps: float) -> int:
     return frames
 
 
-def probe_video(path: str | Path, *, decode: bool = True) -> ProbeResult:
-    """Open `path`, read its stream header and (with `decode`) decode its first frame. Never raises.
+def probe_video(path: str | Path, *, decode: bool = True, open_video: bool = True) -> ProbeResult:
+    """Fingerprint `path`, then (with `open_video`) open it, read its stream header and (with `decode`) decode its
+    first frame. Never raises.
 
     The frame count comes from the container when it states one, else from duration x frame rate.
     """
-    import av
-
     path = Path(path)
     try:
-        if path.stat().st_size == 0:
-            return ProbeResult(str(path), error="zero-byte file")
-        with av.open(str(path)) as container:
+        known = {"fingerprint": fingerprint(path).hex(), "bytes": raw.size(path)}
+    except OSError as err:
+        return ProbeResult(str(path), error=f"{type(err).__name__}: {err}")
+    if known["bytes"] == 0:
+        return ProbeResult(str(path), error="zero-byte file", **known)
+    if not open_video:
+        return ProbeResult(str(path), **known)
+    import av
+
+    try:
+        with raw.open_video(path) as source, av.open(source) as container:
             if not container.streams.video:
-                return ProbeResult(str(path), error="no video stream")
+                return ProbeResult(str(path), error="no video stream", **known)
             stream = container.streams.video[0]
             fps = float(stream.average_rate or stream.guessed_rate or 0)
             frames = stated_frames(container, stream, fps)
@@ -190,8 +196,8 @@ def probe_video(path: str | Path, *, decode: bool = True) -> ProbeResult:
             if decode:
                 first = next(container.decode(stream), None)
                 if first is None:
-                    return ProbeResult(str(path), error="no decodable frame")
+                    return ProbeResult(str(path), error="no decodable frame", **known)
                 width, height = first.width, first.height
     except Exception as err:  # a probe reports, it never raises
-        return ProbeResult(str(path), error=f"{type(err).__name__}: {err}")
-    return ProbeResult(str(path), frames=frames, fps=fps, width=width, height=height)
+        return ProbeResult(str(path), error=f"{type(err).__name__}: {err}", **known)
+    return ProbeResult(str(path), frames=frames, fps=fps, width=width, height=height, **known)

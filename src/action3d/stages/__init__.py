@@ -67,7 +67,10 @@ class Stage:
         return importlib.import_module(f"action3d.stages.{self.module}").run
 
     def label(self, options: dict[str, Any]) -> str:
-        """The stage's name as dvc.yaml's foreach makes it: `scratch@pretrain`, `evaluate@finetune`."""
+        """The stage's name as dvc.yaml's foreach/matrix makes it: `scratch@pretrain`, `cache@pretrain-0`,
+        `evaluate@finetune`."""
+        if self.name == "cache":
+            return f"{self.name}@{options['role']}-{Path(options['videos']).stem}"
         if options.get("role"):
             return f"{self.name}@{options['role']}"
         return f"{self.name}@{Path(options['out']).name}" if self.name == "evaluate" else self.name
@@ -83,7 +86,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           (OUT,)),
     Stage("synth", "synth", "write the demo set of a role (synth.sets.<role>) in its official layout", (ROLE, OUT)),
     Stage("split", "split", "a data set in its official layout -> manifests, validated", (ROLE, OUT)),
-    Stage("cache", "cache", "raw videos -> training-ready frame packs", (ROLE, MANIFESTS, OUT)),
+    Stage("cache", "cache", "one slice of a set's raw videos -> training-ready shards of frame packs",
+          (ROLE, Option("videos", "the split stage's list of the slice (slices/<k>.csv)"), OUT)),
     Stage("scratch", "scratch", "train from random weights on a set (pretraining, or the baseline on the small set)",
           (ROLE, MANIFESTS, CACHE, OUT), trains=True, reads=("seed", "model", "clip", "augment", "scratch.{role}")),
     Stage("finetune", "finetune", "fine-tune the pretrained weights (finetune.pretrained) on the small set",

@@ -1,4 +1,9 @@
-"""Stage cache: raw videos -> one frame pack per video at training resolution (parallel, resumable)."""
+"""Stage cache: one slice of a set's raw videos -> training-ready shards (frame packs, many videos per file).
+
+The split stage lists each slice's videos with their fingerprints (slices/<k>.csv); this stage depends on that
+file alone, so a changed video rebuilds its slice, not the set, and each slice can be built on another machine
+(`dvc repro cache@<role>-<k>`, or flows/cache.py on a work pool). Parallel over the cores, resumable.
+"""
 
 from __future__ import annotations
 
@@ -7,17 +12,17 @@ from pathlib import Path
 from action3d.config import Params, Role
 from action3d.stages import RunContext
 
-SUBSETS = ("train.csv", "val.csv", "test.csv")
 
+def run(params: Params, *, role: Role, videos: str | Path, out: str | Path, ctx: RunContext | None = None) -> dict:
+    """Cache the videos of data.<role> that `videos` lists into `out`. A second run after a crash reuses what is
+    done; unreadable and truncated videos are recorded (in index.csv and cache_report.json, counted here)."""
+    from action3d.data.annotations import read_slice
+    from action3d.data.cache import build_slice
 
-def run(params: Params, *, role: Role, manifests: str | Path, out: str | Path, ctx: RunContext | None = None) -> dict:
-    """Cache every video the manifests of data.<role> list. A second run skips what is done; unreadable and
-    truncated videos are recorded (in cache_report.json, and counted in the metrics)."""
-    from action3d.data import build_cache
-
-    listed = [Path(manifests) / name for name in SUBSETS if (Path(manifests) / name).is_file()]
-    report = build_cache(listed, params.data[role].path, out, short_side=params.cache.short_side,
-                         quality=params.cache.quality, min_frames=params.split.min_frames)
+    c = params.cache
+    report = build_slice(read_slice(videos), params.data[role].path, out, slices=len(c.slices),
+                         short_side=c.short_side, quality=c.quality, shard_mb=c.shard_mb,
+                         min_frames=params.split.min_frames)
     print(report.summary())
-    return {"videos": report.videos, "built": report.built, "unreadable": len(report.failed),
-            "truncated": len(report.truncated), "bytes": report.bytes}
+    return {"videos": report.videos, "built": report.built, "shards": report.shards,
+            "unreadable": len(report.failed), "truncated": len(report.truncated), "bytes": report.bytes}
