@@ -60,7 +60,7 @@ def test_repro_runs_every_stage_then_nothing(pipeline, repo):
     summary = json.loads((repo / "runs/metrics.json").read_text())
     assert f"(a) fine-tuned from pretraining   video top-1 {100 * summary['finetune']['video_top1']:.1f}%" in report
     assert f"pretraining is worth {100 * summary['transfer_gain']:+.1f} points" in report
-    assert "(d) overfitting, trained from scratch:" in report and "validation / train" in report
+    assert "(d) overfitting, trained from scratch:" in report and "test / train" in report
     assert "registered model" in report and "mlflow ui --backend-store-uri sqlite:///" in report
     minutes = next(line for line in report.splitlines() if line.startswith("stage minutes"))
     assert all(stage in minutes for stage in EVERY_STAGE)  # each stage's own minutes

@@ -103,8 +103,13 @@ def test_rq1_names_the_set_that_overfits(tmp_path):
     runs = tmp_path / "runs"
     history(runs / "scratch" / "pretrain" / "history.csv", 0.5, 0.55)
     history(runs / "scratch" / "finetune" / "history.csv", 0.1, 0.9)
-    lines = report.overfitting_lines(runs)
+    lines = report.overfitting_lines(runs)  # not evaluated yet: the small set's validation loss stands in
     assert "validation / train 1.1" in lines[0] and "validation / train 9.0" in lines[1]
     assert lines[2] == "  => trained from scratch, the network overfits the small set (9.0) far more than the large one (1.1)"
     history(runs / "scratch" / "finetune" / "history.csv", 0.5, 0.6)
     assert "not the paper's finding" in report.overfitting_lines(runs)[2]
+    # evaluated: the small set's held-out loss is its test videos' (the paper's UCF-101 validation), not a few groups
+    (runs / "evaluate" / "scratch").mkdir(parents=True)
+    (runs / "evaluate" / "scratch" / "metrics.json").write_text('{"loss": 2.0, "video_top1": 0.7}')
+    lines = report.overfitting_lines(runs)
+    assert "test loss 2.000: test / train 4.0" in lines[1] and "far more than the large one (1.1)" in lines[2]
