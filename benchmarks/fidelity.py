@@ -24,7 +24,7 @@ validation loss and video top-1 (14 videos): what the choices were made on. Seed
 several points (a one-frame change of the draw range moves a seed by up to 13 points), so read a difference of
 three-seed means against that spread. JSON in benchmarks/results/fidelity.json; docs/fidelity.md quotes it.
 
-Needs the demo's small set split and cached: `dvc repro cache@finetune` (make run does it).
+Needs the demo's small set split and cached: `dvc repro cache@finetune-0` (make run does it).
 
     python benchmarks/fidelity.py                       # parity, then the ablation over seeds 0 1 2
     python benchmarks/fidelity.py --parity-only
@@ -233,18 +233,17 @@ def reference_test_crop():
 
 
 def ffmpeg_cache(short_side: int, work: Path) -> Path:
-    """The frame packs of the reference's pixels: every video's frames extracted by the ffmpeg command line (as its
-    generate_video_jpgs: scale to the short side, default JPEG quality), packed as they are."""
+    """A cache of the reference's pixels: every video's frames extracted by the ffmpeg command line (as its
+    generate_video_jpgs: scale to the short side, default JPEG quality), packed as they are into one shard."""
     from PIL import Image
 
-    from action3d.data.cache import CacheEntry, cache_path, read_index, write_index, write_pack
+    from action3d.data.cache import CacheEntry, pack_bytes, read_index, slice_dir, write_index
 
     out = work / "ref-pixels-cache"
-    if (out / "index.csv").is_file():
+    if (slice_dir(out, 0) / "index.csv").is_file():
         return out
-    data_root = ROOT / "data/demo/finetune"
-    entries = []
-    for rel, entry in read_index(CACHE).items():
+    data_root, entries, packs, offset = ROOT / "data/demo/finetune", [], [], 0
+    for rel, entry in sorted(read_index(CACHE).items()):
         frames = work / "jpg" / rel
         frames.mkdir(parents=True, exist_ok=True)
         scale = f"scale=-1:{short_side}" if entry.width >= entry.height else f"scale={short_side}:-1"
@@ -252,9 +251,13 @@ def ffmpeg_cache(short_side: int, work: Path) -> Path:
                         str(frames / "image_%05d.jpg")], check=True)
         files = sorted(frames.glob("image_*.jpg"))
         width, height = Image.open(files[0]).size
-        write_pack(cache_path(out, rel), [f.read_bytes() for f in files], height=height, width=width, fps=entry.fps)
-        entries.append(CacheEntry(rel, len(files), height, width, entry.fps, cache_path(out, rel).stat().st_size))
-    write_index(out, entries)
+        packs.append(pack_bytes([f.read_bytes() for f in files], height=height, width=width, fps=entry.fps))
+        entries.append(CacheEntry(rel, "shard-0000.a3d", offset, len(packs[-1]), len(files), height, width, entry.fps,
+                                  entry.fingerprint))
+        offset += len(packs[-1])
+    slice_dir(out, 0).mkdir(parents=True, exist_ok=True)
+    (slice_dir(out, 0) / "shard-0000.a3d").write_bytes(b"".join(packs))
+    write_index(slice_dir(out, 0), entries)
     return out
 
 
@@ -320,8 +323,10 @@ def main() -> None:
     result = {"cpu": cpu_kind(), "date": time.strftime("%Y-%m-%d"), "parity": parity()}
     print("parity:", json.dumps(result["parity"]))
     if not args.parity_only:
-        if not (CACHE / "index.csv").is_file():
-            raise SystemExit(f"{CACHE} is missing: run `dvc repro cache@finetune` first")
+        from action3d.data.cache import index_files
+
+        if not index_files(CACHE):
+            raise SystemExit(f"{CACHE} is missing: run `dvc repro cache@finetune-0` first")
         variants = [v for v in args.variants if v != "ref-pixels" or shutil.which("ffmpeg")]
         if "ref-pixels" in args.variants and "ref-pixels" not in variants:
             print("ref-pixels left out: no ffmpeg on PATH")
