@@ -120,12 +120,15 @@ def test_a_code_change_makes_stale_what_runs_that_code_and_a_docs_change_nothing
     assert stale(repo) == set()
     with open(repo / "src/action3d/engine.py", "a") as f:
         f.write("\n# a change of the training loop\n")
-    assert stale(repo) == {"scratch@pretrain", "scratch@finetune", "finetune", "evaluate@finetune", "evaluate@scratch"}
+    assert stale(repo) == {"scratch@pretrain", "scratch@finetune", "finetune", "evaluate@finetune", "evaluate@scratch",
+                           "register"}  # register re-scores a champion measured on another test split
     run(repo, "git", "checkout", "-q", "--", "src/action3d/engine.py")
     with open(repo / "src/action3d/data/annotations.py", "a") as f:
         f.write("\n# a change of the manifest parser\n")
-    # the manifests, and the slice lists the cache stages read through it
-    assert stale(repo) == {"check", "split@pretrain", "split@finetune", "cache@pretrain-0", "cache@finetune-0"}
+    # the manifests, the slice lists the cache stages read through it, and the evaluation's test list
+    assert stale(repo) == {"check", "split@pretrain", "split@finetune", "cache@pretrain-0", "cache@finetune-0",
+                           "scratch@pretrain", "scratch@finetune", "finetune", "evaluate@finetune", "evaluate@scratch",
+                           "register"}
 
 
 def test_a_queued_knob_change_reruns_only_what_follows_a_failure_loses_nothing_and_the_knob_set_back_trains_nothing(
