@@ -271,6 +271,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 100000])
     parser.add_argument("--routes", nargs="+", default=["packed"], choices=["packed", "folder"])
     parser.add_argument("--slices", type=int, default=1)
+    parser.add_argument("--folder-max", type=int, default=10000, help="the folder route up to this N only")
     parser.add_argument("--work", type=Path, default=None, help="where the sets go (default: a temporary folder)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
@@ -286,6 +287,8 @@ def main() -> None:
         for n in args.sizes:
             shard_mb = 256 if n >= 100000 else 64 if n >= 10000 else 16  # a few to a few dozen shards
             for route in args.routes:
+                if route == "folder" and n > args.folder_max:
+                    continue
                 print(f"N = {n}, {route}", flush=True)
                 result = run_size(n, route, work_root / f"n{n}", port, args.slices, shard_mb)
                 results.append(result)
