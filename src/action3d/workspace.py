@@ -166,12 +166,26 @@ class Workspace:
         yaml.dump(data, buffer)
         return buffer.getvalue()
 
-    def repro(self, stage: str, *, pull: bool = False, single: bool = False) -> list[str]:
+    def repro(self, stage: str, *, pull: bool = False, single: bool = False, env: dict[str, str] | None = None
+              ) -> list[str]:
         """`dvc repro STAGE` (and whatever upstream is stale); returns the stages DVC ran, [] when up to date.
         `pull`: outputs of up-to-date stages and missing inputs come from the DVC remote instead of being made.
-        `single`: this stage alone (`--single-item`), for callers that run the stages in order themselves."""
+        `single`: this stage alone (`--single-item`), for callers that run the stages in order themselves. `env`:
+        variables for the stage's command (a multi-node stage's rendezvous)."""
         argv = ["dvc", "repro", *(["--pull"] if pull else []), *(["--single-item"] if single else []), stage]
-        return RAN.findall(self.run(*argv, echo=True).stdout)
+        return RAN.findall(self.run(*argv, echo=True, env=env).stdout)
+
+    def stage_command(self, stage: str) -> tuple[str, list[str]]:
+        """A stage's command as dvc.yaml gives it, and the DVC targets whose outputs are its inputs (the stages
+        and .dvc files it depends on): what another machine pulls to run the same command outside DVC."""
+        from dvc.repo import Repo
+
+        with Repo(str(self.root)) as repo:
+            found = repo.stage.collect(stage)
+            if len(found) != 1:
+                raise WorkspaceError(f"no single stage {stage!r} in {self.root / 'dvc.yaml'}")
+            inputs = sorted(s.addressing for s in repo.index.graph.successors(found[0]))
+            return found[0].cmd, inputs
 
     def locate(self, md5s: set[str]) -> dict[str, list[str]]:
         """Where each file md5 is an output in dvc.lock: `path (stage)`, looking inside directory outputs through
