@@ -6,7 +6,8 @@ HOST:PORT is a free port on a machine every node reaches (torchrun's rendezvous 
 `distributed.rdzv_endpoint` when not given). This flow:
 
 1. here: `dvc repro --pull` of what the stage needs (its upstream stages), saved as the DVC experiment
-   `<name>-inputs` and pushed (its git ref to origin, its outputs to the DVC remote);
+   `<name>-inputs` and pushed (its git ref to origin, its outputs to the DVC remote); a stage dvc.lock already
+   holds for these inputs and knobs starts no node;
 2. on the pool, one flow run per node (deployment `train-node`, `train_node` below), all at once: each checks out
    that experiment and sets the stage's `nnodes`. Node 0 owns the stage: it runs it inside `dvc repro` (DVC records
    its outputs), its first process writes the checkpoints (and their S3 mirror) and the one MLflow run, and it
@@ -60,14 +61,15 @@ def train_node(stage: str, node: int, nnodes: int, rdzv_endpoint: str, job_id: s
     print(f"checked out {revision} = {ws.checkout(revision)}")
     ws.set_params([*(overrides or []), f"{section_of(stage)}.nnodes={nnodes}"])
     env = {"ACTION3D_RDZV_ENDPOINT": rdzv_endpoint, "ACTION3D_RDZV_ID": job_id}
+    command, inputs = ws.stage_command(stage)
+    ws.run("dvc", "pull", "--quiet", *inputs)  # the stage's inputs, the same on every node
     if node == 0:
-        ran = ws.repro(stage, pull=True, single=True, env={**env, OWNER_ENV: "1"})
+        # forced, never restored from DVC's run cache: the other nodes are waiting at the rendezvous for this one
+        ran = ws.repro(stage, single=True, force=True, env={**env, OWNER_ENV: "1"})
         ws.save_experiment(experiment, [stage])
         ws.push_experiment(experiment)
         print(f"node 0 of {nnodes}: {stage} {'ran' if ran else 'was up to date'}; DVC experiment {experiment} pushed")
         return {"node": node, "ran": bool(ran), "experiment": experiment}
-    command, inputs = ws.stage_command(stage)
-    ws.run("dvc", "pull", "--quiet", *inputs)  # the stage's inputs as node 0 has them
     ws.run("bash", "-c", command, echo=True, env=env)
     print(f"node {node} of {nnodes}: took part in {stage}")
     return {"node": node, "ran": True}
@@ -97,6 +99,9 @@ def train(stage: str = "scratch@pretrain", nnodes: int = 2, rdzv_endpoint: str |
     upstream = [s for s in ws.stages([stage]) if s != stage]
     for before in upstream:  # what the stage reads, here or from the remote's run cache
         ws.repro(before, pull=True, single=True)
+    if ws.is_current(stage):  # no node to start: they would wait for one that has nothing to train
+        print(f"{stage} is up to date in dvc.lock: `dvc pull {stage}` gets its outputs; change a knob to train again")
+        return {"experiment": None, "nodes": []}
     ws.save_experiment(f"{name}-inputs", upstream)
     ws.push_experiment(f"{name}-inputs")
     base = ws.experiment_ref(f"{name}-inputs")

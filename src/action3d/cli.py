@@ -67,8 +67,8 @@ def _rendezvous(args: argparse.Namespace, params, knobs):
         raise Action3dError(f"{section}.nnodes is {knobs.nnodes}: the nodes need a place to meet. Set "
                             "distributed.rdzv_endpoint: HOST:PORT (a free port on one of them that every node "
                             "reaches), or train through flows/train.py, which sets it")
-    job = os.environ.get("ACTION3D_RDZV_ID") or f"{label.replace('@', '-')}-{digest(label, params.seed,
-                                                                                  knobs.model_dump())[:12]}"
+    key = digest(label, params.seed, knobs.model_dump())[:12]  # the same on every node: same code, params, stage
+    job = os.environ.get("ACTION3D_RDZV_ID") or f"{label.replace('@', '-')}-{key}"
     return Rendezvous(knobs.nnodes, endpoint, job, params.distributed.max_restarts)
 
 
