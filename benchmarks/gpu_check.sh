@@ -16,7 +16,9 @@
 #   3. runs benchmarks/training.py --device cuda on resnet18, resnet50 and resnext101 at 16x112x112, torch.compile
 #      on, under `timeout` (the JSON is rewritten after every model, so a run cut short keeps what it measured),
 #      and prints a summary: the whole script stays under 8 minutes;
-#   4. OPTIONAL, skipped on a bare machine: a short real training stage on demo data (synth -> split -> cache ->
+#   4. benchmarks/multinode.py: one GPU against every GPU of the machine (DDP, the demo network), the scaling
+#      efficiency (clips/s per GPU with all of them over clips/s with one), under 2 minutes;
+#   5. OPTIONAL, skipped on a bare machine: a short real training stage on demo data (synth -> split -> cache ->
 #      pretrain for 2 epochs on the GPU, MLflow into $OUT/.scratch) runs only where
 #      `python -c "import av, mlflow, pydantic, yaml, pytorchvideo, torchvision"` works. Those packages cannot travel
 #      with the tree (PyAV's wheel alone is tens of MB, mlflow with its dependencies far more than the 64 MiB
@@ -74,7 +76,7 @@ fi
 echo "== training step: reference recipe vs ours (bf16, channels_last_3d, compile)"
 status=0
 read -r -a TARGS <<< "${TRAINING_ARGS:---models resnet18 resnet50 resnext101 --steps 10 --warmup 3 --repeats 5}"
-timeout --kill-after=10 420 "$PY" benchmarks/training.py --device "${DEVICE:-cuda}" "${TARGS[@]}" \
+timeout --kill-after=10 330 "$PY" benchmarks/training.py --device "${DEVICE:-cuda}" "${TARGS[@]}" \
     --out "$OUT/training.json" 2>&1 | tee "$OUT/training.log" || status=$?
 [ "$status" -eq 0 ] || echo "training.py exited with status $status (124: timed out; partial JSON kept)"
 
@@ -99,6 +101,14 @@ if g:
     print(f"goal: ours >= {g['target_ratio']}x reference for resnet18: {g['ratio']:.2f}x, "
           f"{'met' if g['met'] else 'MISSED'}{'' if g['kernels_correct'] else ' (its convolutions are wrong)'}")
 EOF
+
+echo "== scaling: one GPU against every GPU of the machine (DDP, our engine, the demo network)"
+if "$PY" -c "import action3d.engine" 2>/dev/null; then
+    timeout --kill-after=10 120 "$PY" benchmarks/multinode.py --device "${DEVICE:-cuda}" --layouts 1x1 1xall \
+        --steps 10 --repeats 3 --out "$OUT/multinode.json" 2>&1 | tail -4 || echo "multinode.py failed or timed out"
+else
+    echo "skipped: action3d.engine does not import here"
+fi
 
 echo "== optional: a short real training stage on demo data"
 if "$PY" -c "import av, mlflow, pydantic, yaml, pytorchvideo, torchvision" 2>/dev/null; then

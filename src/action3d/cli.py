@@ -41,10 +41,35 @@ def _run_stage(args: argparse.Namespace) -> dict:
     started = time.monotonic()
     result = stage.run(params, ctx=RunContext.from_params(params), **options)
     label = stage.label(options)
-    if os.environ.get("RANK", "0") == "0":  # torchrun's rank 0, or the one process (no torch import for this)
+    if "RANK" not in os.environ or _writer():  # the one process, or under torchrun the rank that writes outputs
         write_json(project_root() / "runs" / "timings" / f"{label}.json",
                    {"stage": label, "seconds": round(time.monotonic() - started, 1)})
     return result
+
+
+def _writer() -> bool:
+    from action3d import distributed
+
+    return distributed.is_main_process()
+
+
+def _rendezvous(args: argparse.Namespace, params, knobs):
+    """Where the nodes of a multi-node training stage meet (`nnodes` > 1): the endpoint and the job id from the
+    train flow's environment, else from params.yaml's `distributed` section and the stage's knobs."""
+    from action3d.distributed import Rendezvous
+    from action3d.project import digest
+
+    stage = STAGES[args.stage]
+    label = stage.label({o.name: getattr(args, o.name) for o in stage.options})
+    endpoint = os.environ.get("ACTION3D_RDZV_ENDPOINT") or params.distributed.rdzv_endpoint
+    if not endpoint:
+        section = "finetune" if args.stage == "finetune" else f"scratch.{args.role}"
+        raise Action3dError(f"{section}.nnodes is {knobs.nnodes}: the nodes need a place to meet. Set "
+                            "distributed.rdzv_endpoint: HOST:PORT (a free port on one of them that every node "
+                            "reaches), or train through flows/train.py, which sets it")
+    key = digest(label, params.seed, knobs.model_dump())[:12]  # the same on every node: same code, params, stage
+    job = os.environ.get("ACTION3D_RDZV_ID") or f"{label.replace('@', '-')}-{key}"
+    return Rendezvous(knobs.nnodes, endpoint, job, params.distributed.max_restarts)
 
 
 def _cmd_models(args: argparse.Namespace) -> None:
@@ -281,9 +306,12 @@ def main(argv: list[str] | None = None) -> int:
         if training:
             from action3d import distributed
 
-            nproc = distributed.resolve_nproc(_params(args).training(args.stage, getattr(args, "role", None)).nproc)
-            if nproc > 1 and not distributed.launched_by_torchrun():  # this same command, as nproc ranks
-                return distributed.run_under_torchrun(nproc, sys.argv[1:] if argv is None else list(argv))
+            params = _params(args)
+            knobs = params.training(args.stage, getattr(args, "role", None))
+            nproc = distributed.resolve_nproc(knobs.nproc)
+            rendezvous = _rendezvous(args, params, knobs) if knobs.nnodes > 1 else None
+            if (nproc > 1 or rendezvous) and not distributed.launched_by_torchrun():  # this command, as every rank
+                return distributed.run_under_torchrun(nproc, sys.argv[1:] if argv is None else list(argv), rendezvous)
         result = args.func(args)
     except KeyboardInterrupt:
         return 130

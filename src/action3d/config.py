@@ -138,6 +138,7 @@ class Train(Section):
     workers: int = 2
     device: str = "auto"  # auto = cuda when available (cuda:LOCAL_RANK under torchrun), else cpu
     nproc: int | Literal["auto"] = "auto"  # processes; auto = every visible GPU (1 on CPU); >1 runs under torchrun
+    nnodes: int = Field(1, ge=1)  # machines training this stage together (torchrun, c10d rendezvous: `distributed`)
 
     @model_validator(mode="after")
     def _warmup_fits(self):
@@ -287,6 +288,20 @@ def _demo_sets() -> dict[str, DataSet]:
             "finetune": DataSet(path=f"{DEMO_ROOT}/finetune", layout="ucf101")}
 
 
+class Distributed(Section):
+    """Where the machines of a multi-node training stage (a section's nnodes > 1) meet: torchrun's c10d rendezvous."""
+
+    rdzv_endpoint: str | None = None  # HOST:PORT every node reaches (node 0's); the train flow sets it per job
+    max_restarts: int = Field(3, ge=0)  # torchrun restarts every rank (from the last checkpoint) this many times
+
+    @field_validator("rdzv_endpoint")
+    @classmethod
+    def _host_and_port(cls, value: str | None) -> str | None:
+        if value is not None and (":" not in value or not value.rsplit(":", 1)[1].isdigit()):
+            raise ValueError(f"rdzv_endpoint is HOST:PORT (a port every node can reach on node 0); got {value!r}")
+        return value
+
+
 class Params(Section):
     seed: int = 0
     data: dict[Role, DataSet] = Field(default_factory=_demo_sets)
@@ -304,6 +319,7 @@ class Params(Section):
     storage: Storage = Storage()
     study: Study = Study()
     tune: Tune = Tune()
+    distributed: Distributed = Distributed()
 
     @field_validator("data")
     @classmethod

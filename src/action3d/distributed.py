@@ -3,6 +3,12 @@
 torchrun sets RANK, LOCAL_RANK and WORLD_SIZE. `init_distributed()` reads them and joins the group (gloo on CPU,
 nccl on CUDA); without them every helper here answers as the single process of a world of one, so the engine calls
 them unconditionally.
+
+Many machines: each runs the same stage command; `run_under_torchrun` starts torchrun with `--nnodes N` and a c10d
+rendezvous, and the ranks of every node meet there. One node owns the stage's outputs (it runs the stage inside
+`dvc repro`, the others join as participants: `OWNER_ENV`); its first process is the *writer*, the one rank that
+writes checkpoints and outputs and logs to MLflow (`is_main_process`), whatever rank number the rendezvous gave it.
+On one machine the writer is rank 0, as before.
 """
 
 from __future__ import annotations
@@ -22,10 +28,11 @@ class DistInfo:
     world_size: int
     local_rank: int
     device: torch.device
+    writer: int = 0  # the rank that writes checkpoints and outputs and logs
 
     @property
     def is_main(self) -> bool:
-        return self.rank == 0
+        return self.rank == self.writer
 
 
 def launched_by_torchrun() -> bool:
@@ -41,8 +48,32 @@ def resolve_nproc(value: int | str) -> int:
     return value
 
 
-def run_under_torchrun(nproc: int, argv: list[str]) -> int:
-    """Run `python -m action3d.cli *argv` as `nproc` ranks under torchrun on this machine; its exit code.
+OWNER_ENV = "ACTION3D_NODE_OWNER"  # "1" on the node that owns a multi-node stage's outputs (runs it inside DVC)
+
+
+@dataclass(frozen=True)
+class Rendezvous:
+    """How the nodes of a multi-node stage meet: torchrun's c10d rendezvous at `endpoint` (HOST:PORT on one of
+    them), one job id for every node, and how many times torchrun restarts the ranks when one fails."""
+
+    nnodes: int
+    endpoint: str
+    job_id: str
+    max_restarts: int = 3
+
+
+def torchrun_args(nproc: int, rendezvous: Rendezvous | None = None) -> list[str]:
+    """torchrun's options: this machine alone (`--standalone`), or one node of `rendezvous.nnodes`."""
+    if rendezvous is None or rendezvous.nnodes == 1:
+        return ["--standalone", "--nproc-per-node", str(nproc)]
+    return ["--nnodes", str(rendezvous.nnodes), "--nproc-per-node", str(nproc), "--rdzv-backend", "c10d",
+            "--rdzv-endpoint", rendezvous.endpoint, "--rdzv-id", rendezvous.job_id,
+            "--max-restarts", str(rendezvous.max_restarts)]
+
+
+def run_under_torchrun(nproc: int, argv: list[str], rendezvous: Rendezvous | None = None) -> int:
+    """Run `python -m action3d.cli *argv` as `nproc` ranks under torchrun on this machine, alone or as one node of
+    a multi-node job (`rendezvous`); its exit code.
 
     SIGTERM and SIGINT sent to this process go on to torchrun, which stops its ranks: killing the stage (a stopped
     `dvc repro`, a cancelled flow) leaves no rank training behind.
@@ -52,7 +83,7 @@ def run_under_torchrun(nproc: int, argv: list[str]) -> int:
     import sys
     import threading
 
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+    command = [sys.executable, "-m", "torch.distributed.run", *torchrun_args(nproc, rendezvous),
                "-m", "action3d.cli", *argv]
     child: subprocess.Popen | None = None
     pending: list[int] = []  # a signal that came before torchrun started
@@ -89,9 +120,12 @@ def init_distributed(backend: str | None = None) -> DistInfo:
         return DistInfo(0, 1, 0, device)
     if device.type == "cuda":
         torch.cuda.set_device(device)  # nccl collectives and all_gather_object use the current device
+    global _writer
     if not dist.is_initialized():
         dist.init_process_group(backend or ("nccl" if device.type == "cuda" else "gloo"))
-    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
+        owners = all_gather_objects(os.environ.get(OWNER_ENV) == "1" and local_rank == 0)
+        _writer = owners.index(True) if any(owners) else 0
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, _writer)
 
 
 def pick_device(name: str) -> torch.device:
@@ -125,9 +159,27 @@ def get_world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
 
 
+_writer = 0  # set when the process group starts: the owning node's first process, else rank 0
+
+
+def writer_rank() -> int:
+    return _writer if is_distributed() else 0
+
+
 def is_main_process() -> bool:
-    """True on rank 0 (and in a single process): the one process that writes files and logs."""
-    return get_rank() == 0
+    """True on the writer (rank 0 on one machine; a multi-node job's owning node's first process) and in a single
+    process: the one process that writes files and logs."""
+    return get_rank() == writer_rank()
+
+
+def from_writer(make: Any) -> Any:
+    """`make()` evaluated on the writer alone and its (picklable) result given to every rank: what only the writer's
+    disk holds, such as the checkpoint a multi-node job resumes from. One process: `make()`."""
+    if not is_distributed():
+        return make()
+    box = [make() if is_main_process() else None]
+    dist.broadcast_object_list(box, src=writer_rank())
+    return box[0]
 
 
 def barrier() -> None:

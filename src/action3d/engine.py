@@ -208,6 +208,18 @@ def _unpack(batch: Any, device: torch.device, channels_last: bool) -> tuple[torc
     return video, batch["label"].to(device, non_blocking=True)
 
 
+def _per_sample(criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
+    """The criterion with one loss per sample (reduction 'none'), for a weighted mean."""
+    import copy
+
+    if getattr(criterion, "reduction", None) is None:
+        raise TypeError("under DDP the loss is weighted per clip: give a criterion with a `reduction` attribute, "
+                        "such as nn.CrossEntropyLoss()")
+    each = copy.copy(criterion)
+    each.reduction = "none"
+    return each
+
+
 def _set_epoch(loader: Iterable, epoch: int) -> None:
     """Reshuffle distributed samplers per epoch (DistributedSampler, or a pytorchvideo dataset's video sampler)."""
     for sampler in (getattr(loader, "sampler", None), getattr(getattr(loader, "dataset", None), "video_sampler", None)):
@@ -254,13 +266,25 @@ def train_one_epoch(
     loss_sum, correct, seen, lr = 0.0, 0, 0, float(optimizer.param_groups[0]["lr"])
     bar = tqdm(data_loader, desc=f"epoch {epoch} train", leave=False, disable=not (show_bars(progress) and dist.is_main_process()))
     start = time.perf_counter()
+    weighted = dist.is_distributed()  # ranks' shares padded with fillers of weight 0 (EpochSampler)
+    per_sample = _per_sample(criterion) if weighted else None
     for step, batch in enumerate(bar):
         video, label = _unpack(batch, device, channels_last)
+        keep = batch["weight"].to(device, torch.float32) if weighted and "weight" in batch else None
         with _autocast(device, autocast_dtype):
             logits = model(video)
-            loss = criterion(logits, label)
-        value = loss.item()  # one sync per step: a NaN must stop us before it reaches the weights
-        if dist.any_rank(not math.isfinite(value), device):
+            if keep is None:
+                loss = criterion(logits, label)
+            else:  # the global batch's mean over real clips: DDP averages the ranks' gradients, hence x world
+                local = (per_sample(logits, label).float() * keep).sum()
+        if keep is None:
+            value = loss.item()  # one sync per step: a NaN must stop us before it reaches the weights
+            nonfinite = dist.any_rank(not math.isfinite(value), device)
+        else:
+            value, real = local.item(), float(keep.sum())
+            flags, count = dist.all_reduce_sum([float(not math.isfinite(value)), real], device)
+            nonfinite, loss = flags > 0, local * dist.get_world_size() / count
+        if nonfinite:
             raise NonFiniteLossError(epoch, step, value)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -270,9 +294,14 @@ def train_one_epoch(
         optimizer.step()
         if lr_scheduler is not None:
             lr_scheduler.step()
-        n = label.shape[0]
-        loss_sum += value * n
-        correct += int((logits.argmax(dim=1) == label).sum())
+        if keep is None:
+            n = label.shape[0]
+            loss_sum += value * n
+            correct += int((logits.argmax(dim=1) == label).sum())
+        else:  # fillers count in neither the loss nor the accuracy
+            n = real
+            loss_sum += value
+            correct += int(((logits.argmax(dim=1) == label) & (keep > 0)).sum())
         seen += n
         if step % max(1, log_every) == 0:
             bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}", lr=f"{lr:.2e}")
@@ -382,6 +411,17 @@ def _loader_generators(*loaders: Iterable | None) -> list[torch.Generator]:
     return found
 
 
+def _last_checkpoint(path: Path) -> dict | str | None:
+    """The checkpoint to resume from (on the CPU, to be sent to every rank), None when there is none, or why it
+    cannot be read (every rank raises it, none is left waiting)."""
+    if not path.is_file():
+        return None
+    try:
+        return read_checkpoint(path, map_location="cpu")
+    except CheckpointError as err:
+        return f"cannot resume: {err} Delete {path} to start this run afresh."
+
+
 def _improved(value: float, best: float | None, mode: str) -> bool:
     if best is None or math.isnan(best):
         return not math.isnan(value)
@@ -444,11 +484,11 @@ def fit(
     history: list[dict[str, float]] = []
     best_metric: float | None = None
     done = 0
-    if resume and last_path.is_file():
-        try:
-            state = read_checkpoint(last_path, map_location=device)
-        except CheckpointError as err:
-            raise CheckpointError(f"cannot resume: {err} Delete {last_path} to start this run afresh.") from err
+    # the writer's last.pt, given to every rank: on many machines only the writer's disk holds it
+    state = dist.from_writer(lambda: _last_checkpoint(last_path)) if resume else None
+    if isinstance(state, str):
+        raise CheckpointError(state)
+    if state is not None:
         if state.get("arch") != arch or dict(state.get("model_kwargs") or {}) != dict(model_kwargs):
             raise CheckpointError(
                 f"{last_path} was written by arch '{state.get('arch')}' with {state.get('model_kwargs')}, this "

@@ -166,12 +166,38 @@ class Workspace:
         yaml.dump(data, buffer)
         return buffer.getvalue()
 
-    def repro(self, stage: str, *, pull: bool = False, single: bool = False) -> list[str]:
+    def repro(self, stage: str, *, pull: bool = False, single: bool = False, force: bool = False,
+              env: dict[str, str] | None = None) -> list[str]:
         """`dvc repro STAGE` (and whatever upstream is stale); returns the stages DVC ran, [] when up to date.
         `pull`: outputs of up-to-date stages and missing inputs come from the DVC remote instead of being made.
-        `single`: this stage alone (`--single-item`), for callers that run the stages in order themselves."""
-        argv = ["dvc", "repro", *(["--pull"] if pull else []), *(["--single-item"] if single else []), stage]
-        return RAN.findall(self.run(*argv, echo=True).stdout)
+        `single`: this stage alone (`--single-item`), for callers that run the stages in order themselves. `force`:
+        run its command even if DVC has its result (a multi-node stage's other nodes wait for this one to join).
+        `env`: variables for the stage's command (a multi-node stage's rendezvous)."""
+        argv = ["dvc", "repro", *(["--pull"] if pull else []), *(["--single-item"] if single else []),
+                *(["--force"] if force else []), stage]
+        return RAN.findall(self.run(*argv, echo=True, env=env).stdout)
+
+    def is_current(self, stage: str) -> bool:
+        """Whether dvc.lock's entry for `stage` matches its command, deps and params here: its outputs are then the
+        lock's, to pull rather than to make (missing local outputs do not count)."""
+        from dvc.repo import Repo
+
+        with Repo(str(self.root)) as repo:  # the target as a path: DVC reads a bare name relative to the cwd
+            found = repo.status(targets=[f"{self.root / 'dvc.yaml'}:{stage}"])
+        changes = [change for stage_changes in found.values() for change in stage_changes]
+        return all(isinstance(change, dict) and set(change) == {"changed outs"} for change in changes)
+
+    def stage_command(self, stage: str) -> tuple[str, list[str]]:
+        """A stage's command as dvc.yaml gives it, and the DVC targets whose outputs are its inputs (the stages
+        and .dvc files it depends on): what another machine pulls to run the same command outside DVC."""
+        from dvc.repo import Repo
+
+        with Repo(str(self.root)) as repo:
+            found = repo.stage.collect(stage)
+            if len(found) != 1:
+                raise WorkspaceError(f"no single stage {stage!r} in {self.root / 'dvc.yaml'}")
+            inputs = sorted(s.addressing for s in repo.index.graph.successors(found[0]))
+            return found[0].cmd, inputs
 
     def locate(self, md5s: set[str]) -> dict[str, list[str]]:
         """Where each file md5 is an output in dvc.lock: `path (stage)`, looking inside directory outputs through

@@ -353,3 +353,96 @@ def test_torchrun_two_ranks_agree_and_match_one_process(tmp_path):
     for x, y in zip(comparable(single["history"]), comparable(rank0["history"])):
         for key in x:
             assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-6), key
+
+
+# --- every clip once an epoch across the world, the same steps as one process (our loader, sampler and engine) -----
+
+WORLD_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    from pathlib import Path
+    import torch
+    sys.path.insert(0, sys.argv[2])
+    from test_engine import TinyNet, CLASSES
+    from action3d import distributed, engine
+    from action3d.data.loaders import make_train_loader
+
+    out, data = Path(sys.argv[1]), Path(sys.argv[3])
+    info = distributed.init_distributed()
+    loader = make_train_loader(data / "splits" / "train.csv", data / "cache", clip_frames=4, crop_size=16,
+                               batch_size=int(sys.argv[4]), workers=0, seed=0)
+    drawn = {}
+    for epoch in (1, 2):
+        loader.sampler.set_epoch(epoch)
+        keys = [(int(v), float(w)) for b in loader for v, w in zip(b["video_index"], b["weight"])]
+        drawn[epoch] = [k for part in distributed.all_gather_objects(keys) for k in part]
+    engine.seed_everything(0)
+    model = engine.prepare_model(TinyNet(), info.device)
+    result = engine.fit(model, loader, None, epochs=2, optimizer=engine.build_optimizer(model, lr=0.05),
+                        checkpoint_dir=out / "ck", arch="tiny", model_kwargs={"num_classes": CLASSES},
+                        device=info.device, monitor="train_top1", progress=False)
+    if distributed.is_main_process():
+        (out / "world.json").write_text(json.dumps({"world": info.world_size, "drawn": drawn,
+                                                    "history": result["history"]}))
+    distributed.cleanup()
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def fifteen_videos(tmp_path_factory):
+    """15 tiny real videos in class folders, split (all in train) and cached: 15 does not divide among 2 or 4."""
+    from action3d.data.annotations import build_manifests
+    from action3d.data.cache import build_cache
+    from tests.helpers import write_video
+
+    root = tmp_path_factory.mktemp("fifteen")
+    for i in range(15):
+        write_video(root / "raw" / f"class{i % CLASSES}" / f"v{i:02d}.mp4", frames=8, width=32, height=24, seed=i)
+    build_manifests("folder", root / "raw", root / "splits", val_fraction=0.0, test_fraction=0.0, workers=1,
+                    progress=False)
+    build_cache(root / "splits", root / "raw", root / "cache", short_side=16, workers=1, progress=False)
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nodes, per_node", [(1, 2), (2, 2)])
+def test_every_clip_counts_once_an_epoch_and_the_world_steps_as_one_process(tmp_path, fifteen_videos, nodes, per_node):
+    """2 processes on one machine, and 2 machines of 2 processes (two torchrun agents meeting at a c10d rendezvous
+    on loopback), each with batch 4 per process: every video counts once an epoch (the fillers that even out the
+    ranks' shares weigh 0), and training matches one process with the global batch (4 x world)."""
+    (tmp_path / "world_script.py").write_text(WORLD_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    script = [str(tmp_path / "world_script.py"), str(tmp_path), str(Path(__file__).parent), str(fifteen_videos), "4"]
+    if nodes == 1:
+        launches = [["--standalone", "--nproc-per-node", str(per_node)]]
+    else:
+        from tests.helpers import free_port
+
+        port = free_port()
+        launches = [["--nnodes", str(nodes), "--nproc-per-node", str(per_node), "--rdzv-backend", "c10d",
+                     "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "world-test"]] * nodes
+    agents = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *launch, *script], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for launch in launches]
+    outputs = [agent.communicate(timeout=600)[0] for agent in agents]
+    assert all(agent.returncode == 0 for agent in agents), "\n".join(o[-3000:] for o in outputs)
+    world = json.loads((tmp_path / "world.json").read_text())
+    assert world["world"] == nodes * per_node
+    for epoch, keys in world["drawn"].items():
+        counted = sorted(v for v, w in keys if w > 0)
+        assert counted == list(range(15)), epoch  # each video once
+        assert len(keys) - len(counted) == -15 % world["world"]  # the fillers, weighing nothing
+
+    from action3d.data.loaders import make_train_loader
+
+    seed_everything(0)
+    model = TinyNet()
+    one = make_train_loader(fifteen_videos / "splits" / "train.csv", fifteen_videos / "cache", clip_frames=4,
+                            crop_size=16, batch_size=4 * world["world"], workers=0, seed=0)
+    single = fit(model, one, None, epochs=2, optimizer=build_optimizer(model, lr=0.05), checkpoint_dir=tmp_path / "one",
+                 arch="tiny", model_kwargs={"num_classes": CLASSES}, device="cpu", monitor="train_top1",
+                 progress=False)
+    for x, y in zip(comparable(single["history"]), comparable(world["history"])):
+        assert x["train_clips"] == y["train_clips"] == 15
+        for key in x:
+            assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-6), key

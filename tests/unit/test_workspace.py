@@ -108,3 +108,17 @@ def test_a_shallow_worker_clone_fetches_the_revision_it_is_asked_for(tmp_path):
                    check=True, capture_output=True)
     clone = Workspace(tmp_path / "clone")
     assert clone.checkout("feature") == feature == clone.commit()
+
+
+def test_a_stage_is_current_when_the_lock_matches_its_inputs_even_with_its_outputs_missing(tmp_path):
+    (tmp_path / "dvc.yaml").write_text("stages:\n  copy:\n    cmd: cp in.txt out.txt\n    deps: [in.txt]\n"
+                                       "    outs: [out.txt]\n")
+    (tmp_path / "in.txt").write_text("one\n")
+    for argv in (["git", "init", "-q", "-b", "main"], [DVC, "init", "-q"], [DVC, "repro", "-q"]):
+        subprocess.run(argv, cwd=tmp_path, check=True, capture_output=True)
+    ws = Workspace(tmp_path)
+    assert ws.is_current("copy")
+    (tmp_path / "out.txt").unlink()  # a fresh clone's: DVC has it, `dvc pull` brings it
+    assert ws.is_current("copy")
+    (tmp_path / "in.txt").write_text("two\n")
+    assert not ws.is_current("copy")

@@ -13,7 +13,8 @@ their persistence, nor on where a run was stopped and resumed; nothing random ha
 The datasets are map-style (`len` = videos for training, clips for evaluation) so the epoch length is exact with any
 number of workers, which pytorchvideo's iterable LabeledVideoDataset gets wrong (pytorchvideo#102).
 
-Batches: {"video": float [B, 3, T, H, W], "label": int64 [B], "video_index": int64 [B]} (video_index = the row of
+Batches: {"video": float [B, 3, T, H, W], "label": int64 [B], "video_index": int64 [B]} and, in training, "weight"
+float [B] (0 for a filler that evens out the ranks' shares under DDP; see `EpochSampler`) (video_index = the row of
 the video in its manifest).
 
 A video that fails to decode mid-epoch does not stop training: its clip is dropped from the batch, a warning names
@@ -114,10 +115,12 @@ def clip_indices(start: int, clip_frames: int, stride: int, num_frames: int) -> 
 
 
 class ItemKey(NamedTuple):
-    """What `EpochSampler` yields for a training item: the epoch it is drawn for and the video's position."""
+    """What `EpochSampler` yields for a training item: the epoch it is drawn for, the video's position, and its
+    weight in the loss: 0 for the filler that evens out the ranks' shares, so every video counts once an epoch."""
 
     epoch: int
     index: int
+    weight: float = 1.0
 
 
 def item_generator(seed: int, epoch: int, index: int) -> torch.Generator:
@@ -127,19 +130,28 @@ def item_generator(seed: int, epoch: int, index: int) -> torch.Generator:
 
 
 class EpochSampler(DistributedSampler):
-    """DistributedSampler's shuffling and sharding (order from seed + epoch), yielding `ItemKey(epoch, index)`.
+    """DistributedSampler's shuffling and sharding (order from seed + epoch), yielding `ItemKey(epoch, index,
+    weight)`.
 
-    `set_epoch(e)` (the engine calls it) names the epoch of the next pass; without it, each pass takes the epoch
-    after the previous one, so a plain loop over the loader still draws new clips every pass. With
-    `num_replicas=1` no process group is needed.
+    Rank r of w takes positions r, r + w, ... of the epoch's order, so step s of every rank together is step s of one
+    process whose batch is w times larger: the same clips (their draws come from (seed, epoch, video)). Where the
+    videos do not divide among the ranks, DistributedSampler pads the order with videos from its start: those
+    fillers come with weight 0 (the engine leaves them out of the loss and the metrics), so every video counts once
+    an epoch across the world. `set_epoch(e)` (the engine calls it) names the epoch of the next pass; without it,
+    each pass takes the epoch after the previous one. With `num_replicas=1` no process group is needed.
     """
 
     def __init__(self, size: int, *, seed: int, num_replicas: int = 1, rank: int = 0):
         super().__init__(range(size), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=False)
 
     def __iter__(self) -> Iterator[ItemKey]:
-        epoch = self.epoch
-        keys = [ItemKey(epoch, i) for i in super().__iter__()]  # shuffled with seed + self.epoch
+        epoch, size = self.epoch, len(self.dataset)
+        generator = torch.Generator()
+        generator.manual_seed(self.seed + epoch)  # DistributedSampler's order
+        order = torch.randperm(size, generator=generator).tolist()
+        padded = (order * math.ceil(self.total_size / size))[: self.total_size] if size else []
+        keys = [ItemKey(epoch, padded[p], 1.0 if p < size else 0.0)
+                for p in range(self.rank, self.total_size, self.num_replicas)]
         self.epoch = epoch + 1  # the next pass's, unless set_epoch says otherwise
         return iter(keys)
 
@@ -244,9 +256,9 @@ class ClipDataset(Dataset):
         return self.counter.value
 
     def __getitem__(self, key: int | ItemKey) -> dict[str, Any] | None:
-        generator = None
+        generator, weight = None, 1.0
         if self.train:
-            epoch, r = key if isinstance(key, tuple) else (0, key)
+            epoch, r, weight = key if isinstance(key, tuple) else (0, key, 1.0)
             rec = self.records[r]
             generator = item_generator(self.seed, epoch, r)
             # the reference's TemporalRandomCrop: any start whose clip_frames x stride span fits in the video
@@ -264,8 +276,10 @@ class ClipDataset(Dataset):
             self.counter.add()
             log.warning("skipping unreadable video %s (%s)", rec.path, err)
             return None
-        video = self.transform(frames, generator=generator) if self.train else self.transform(frames)
-        return {"video": video, "label": rec.label, "video_index": rec.index}
+        if not self.train:
+            return {"video": self.transform(frames), "label": rec.label, "video_index": rec.index}
+        return {"video": self.transform(frames, generator=generator), "label": rec.label, "video_index": rec.index,
+                "weight": weight}
 
 
 def collate_skip_bad(items: list[dict[str, Any] | None]) -> dict[str, torch.Tensor] | None:

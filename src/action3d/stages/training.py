@@ -144,7 +144,8 @@ def resume_key(label: str, params: Params, knobs: Train, arch: str, model_kwargs
     a stage whose code changed: a finished checkpoint of the old code must not stand in for it). Not `keep`: which
     epoch becomes model.pt changes no weights, so a finished run only copies the other file."""
     return digest(label, params.seed, arch, model_kwargs, params.clip.model_dump(), params.augment.model_dump(),
-                  params.cache.model_dump(), knobs.model_dump(exclude={"workers", "device", "nproc", "keep"}),
+                  params.cache.model_dump(),
+                  knobs.model_dump(exclude={"workers", "device", "nproc", "nnodes", "keep"}),  # world_size says those
                   digests, cache_digest, world_size, code_digest())
 
 
