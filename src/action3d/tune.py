@@ -11,9 +11,11 @@ stop the trial; the trial's value is the metric of the epoch the stage keeps as 
 best).
 
 Storage: a journal file (runs/tune/<study>.journal) by default, safe for several processes on one machine; any
-RDB URL (PostgreSQL) for many machines. A trial whose worker died (its process is gone, or its heartbeat silent
-for `tune.grace_period` seconds) is marked failed and its knobs queued again; it resumes from that trial's
-checkpoint.
+RDB URL (PostgreSQL) for many machines. A trial whose worker died (its heartbeat silent for `tune.grace_period`
+seconds, or on this machine its process gone) is marked failed and its knobs queued again, with its folder: it
+resumes from that trial's checkpoint. On an RDB storage that is Optuna's own heartbeat and
+RetryFailedTrialCallback; Optuna 5's journal storage has no heartbeat, so for it a thread writes the beat as a user
+attribute and `requeue_dead_trials` does the rest, through the storage's public API.
 
 MLflow: the study is a parent run (`tune-<study>`); each trial is the stage's own run, nested under it, with its
 knobs, per-epoch metrics and tags trial / trial_state (COMPLETE, PRUNED, FAIL); the parent gets the best knobs,
@@ -83,6 +85,11 @@ class Setup:
         return self.tune.storage or str(self.root / "runs" / "tune" / f"{self.study_name}.journal")
 
     @property
+    def optuna_heartbeat(self) -> bool:
+        """An RDB storage: Optuna's heartbeat and retry watch the trials (its journal storage has neither)."""
+        return "://" in self.storage_url
+
+    @property
     def out_dir(self) -> Path:
         return self.root / "runs" / "tune" / self.study_name
 
@@ -102,13 +109,16 @@ def setup(params_path: str | Path = "params.yaml", overrides: list[str] | tuple[
 def storage(s: Setup):
     """The Optuna storage: a journal file (default) or an RDB URL, reachable, or a TuneError naming it."""
     url = s.storage_url
-    if "://" not in url:
+    if not s.optuna_heartbeat:
         from optuna.storages.journal import JournalFileBackend
 
         Path(url).parent.mkdir(parents=True, exist_ok=True)
         return optuna.storages.JournalStorage(JournalFileBackend(url))
+    grace = max(2, int(s.tune.grace_period))
     try:
-        return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+        return optuna.storages.RDBStorage(
+            url, engine_kwargs={"pool_pre_ping": True}, heartbeat_interval=max(1, grace // 10), grace_period=grace,
+            failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=None))
     except Exception as err:  # noqa: BLE001 - sqlalchemy's many connection errors: one message
         shown = shareable_uri(url)
         raise TuneError(f"cannot open the Optuna storage {shown}: {str(err).splitlines()[0]}. Check that the "
@@ -137,9 +147,9 @@ def _epochs(s: Setup) -> int:
     return s.params.training(stage, role).epochs
 
 
-def open_study(s: Setup, worker: int = 0) -> optuna.Study:
+def open_study(s: Setup, worker: int = 0, store: optuna.storages.BaseStorage | None = None) -> optuna.Study:
     """Create the study, or load it; a study of that name optimising the other way is an error."""
-    store = storage(s)
+    store = store or storage(s)
     existing = next((x.n_trials for x in optuna.get_all_study_summaries(store, include_best_trial=False)
                      if x.study_name == s.study_name), 0)
     try:
@@ -212,8 +222,9 @@ def objective(s: Setup, parent_run_id: str | None):
         ctx = RunContext(tags={**params.tracking.tags, "study": s.study_name, "trial": str(trial.number)},
                          parent_run_id=parent_run_id, on_epoch=report)
         say(f"[tune] trial {trial.number}: {' '.join(overrides)}")
+        beat = contextlib.nullcontext() if s.optuna_heartbeat else _heartbeat(trial, s.tune.grace_period)
         try:
-            with _heartbeat(trial, s.tune.grace_period):
+            with beat:
                 result = run_stage(s, params, ctx, s.out_dir / folder)
         except optuna.TrialPruned:
             _trial_state(ctx.run_id, "PRUNED")
@@ -270,8 +281,9 @@ def _trial_state(run_id: str | None, state: str) -> None:
                 status={"PRUNED": "KILLED", "FAIL": "FAILED"}.get(state))
 
 
-def requeue_dead_trials(study: optuna.Study, grace_period: float) -> list[int]:
+def requeue_dead_trials(study: optuna.Study, store: optuna.storages.BaseStorage, grace_period: float) -> list[int]:
     """Mark running trials whose worker is gone as failed and queue their knobs again; returns their numbers.
+    `store` is the study's storage (a journal's: an RDB storage does this itself, with Optuna's heartbeat).
 
     A trial is dead when its worker was on this machine and its process no longer exists, or when its heartbeat
     has been silent for `grace_period` seconds. Only the worker whose FAIL write wins re-queues it (Optuna
@@ -279,6 +291,7 @@ def requeue_dead_trials(study: optuna.Study, grace_period: float) -> list[int]:
     trial's checkpoint: same knobs, same folder, same resume key.
     """
     requeued = []
+    study_id = store.get_study_id_from_name(study.study_name)
     for frozen in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker = frozen.user_attrs.get("worker") or {}
         local = worker.get("host") == socket.gethostname()
@@ -286,8 +299,9 @@ def requeue_dead_trials(study: optuna.Study, grace_period: float) -> list[int]:
         silent = time.time() - worker.get("beat", frozen.datetime_start.timestamp()) > grace_period
         if not (gone or silent):
             continue
-        try:  # FrozenTrial has no public trial id; the storage API needs it
-            study._storage.set_trial_state_values(frozen._trial_id, TrialState.FAIL)
+        try:
+            store.set_trial_state_values(store.get_trial_id_from_study_id_trial_number(study_id, frozen.number),
+                                         TrialState.FAIL)
         except Exception:  # noqa: BLE001 - another worker finished or failed it first
             continue
         folder = frozen.user_attrs.get("folder", f"trial-{frozen.number}")
@@ -312,17 +326,21 @@ def _alive(pid: int | None) -> bool:
 
 def work(s: Setup, parent_run_id: str | None, worker: int = 0) -> None:
     """One worker: trials until the study holds `tune.trials` finished ones (over every worker) or time runs out."""
-    study = open_study(s, worker)
-    requeue_dead_trials(study, s.tune.grace_period)
-    done = optuna.study.MaxTrialsCallback(s.tune.trials, states=FINISHED)
+    store = storage(s)
+    study = open_study(s, worker, store)
+    callbacks = [optuna.study.MaxTrialsCallback(s.tune.trials, states=FINISHED), _announce]
+    if not s.optuna_heartbeat:  # a journal: this module's heartbeat and re-queueing
 
-    def requeue(study: optuna.Study, _trial) -> None:  # a worker that died mid-study: its trial goes on here
-        requeue_dead_trials(study, s.tune.grace_period)
+        def requeue(study: optuna.Study, _trial) -> None:  # a worker that died mid-study: its trial goes on here
+            requeue_dead_trials(study, store, s.tune.grace_period)
+
+        requeue(study, None)
+        callbacks.append(requeue)
 
     if _finished(study) < s.tune.trials:
         # a trial that fails (bad knobs, a diverged loss, out of GPU memory) is a failed trial, not a dead study
         study.optimize(objective(s, parent_run_id), n_trials=s.tune.trials, timeout=s.tune.timeout,
-                       callbacks=[done, _announce, requeue], catch=(Action3dError, RuntimeError, ValueError),
+                       callbacks=callbacks, catch=(Action3dError, RuntimeError, ValueError),
                        gc_after_trial=True)
 
 
