@@ -16,6 +16,7 @@ runs the code of the revision it checked out, not whatever the worker's venv was
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -131,15 +132,21 @@ class Workspace:
     def stages(self, targets: list[str] | tuple[str, ...] = ()) -> list[str]:
         """The stages of dvc.yaml in its order (foreach items expanded: `split@pretrain`); with `targets`, only
         those and the stages upstream of them (what `dvc repro TARGET...` may run)."""
-        listed = self.run("dvc", "stage", "list", "--name-only").stdout.split()
-        if not targets:
-            return listed
-        unknown = [t for t in targets if t not in listed]
-        if unknown:
-            raise WorkspaceError(f"no stage {', '.join(map(repr, unknown))} in {self.root / 'dvc.yaml'}; the stages "
-                                 f"are: {', '.join(listed)}")
-        needed = {name for t in targets for name in re.findall(r'^"([^"]+)";$', self.run("dvc", "dag", "--dot", t)
-                                                                  .stdout, flags=re.M)}
+        import networkx
+        from dvc.repo import Repo
+        from dvc.stage import PipelineStage
+
+        with Repo(str(self.root)) as repo:
+            named = {s.name: s for s in repo.index.stages if isinstance(s, PipelineStage)}  # not .dvc files
+            listed = list(named)
+            if not targets:
+                return listed
+            unknown = [t for t in targets if t not in named]
+            if unknown:
+                raise WorkspaceError(f"no stage {', '.join(map(repr, unknown))} in {self.root / 'dvc.yaml'}; the "
+                                     f"stages are: {', '.join(listed)}")
+            graph = repo.index.graph  # an edge runs from a stage to one it depends on
+            needed = {*targets, *(getattr(s, "name", None) for t in targets for s in networkx.descendants(graph, named[t]))}
         return [name for name in listed if name in needed]
 
     def set_params(self, overrides: list[str] | tuple[str, ...]) -> None:
@@ -201,31 +208,30 @@ class Workspace:
 
     def locate(self, md5s: set[str]) -> dict[str, list[str]]:
         """Where each file md5 is an output in dvc.lock: `path (stage)`, looking inside directory outputs through
-        the `.dir` listings of the local DVC cache. The link from a run's data digests to the data to check out."""
-        import yaml
+        their listings in the local DVC cache. The link from a run's data digests to the data to check out."""
+        from dvc.repo import Repo
 
-        lock = self.root / "dvc.lock"
         found: dict[str, list[str]] = {}
-        if not lock.is_file():
-            return found
-        stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
-        for stage, spec in stages.items():
-            for out in spec.get("outs", []):
-                md5 = str(out.get("md5", ""))
-                files = {md5: out["path"]}
-                if md5.endswith(".dir"):
-                    listing = self.root / ".dvc" / "cache" / "files" / "md5" / md5[:2] / md5[2:]
-                    if listing.is_file():
-                        files = {f["md5"]: f"{out['path']}/{f['relpath']}" for f in json.loads(listing.read_text())}
+        with Repo(str(self.root)) as repo:
+            for out in repo.index.outs:
+                if not (out.hash_info and out.hash_info.value) or not getattr(out.stage, "name", None):
+                    continue  # not made by a stage of dvc.lock (a .dvc file's), or not made yet
+                files = {out.hash_info.value: out.def_path}
+                if out.hash_info.isdir:
+                    with contextlib.suppress(Exception):  # its listing not in the local cache: the directory alone
+                        files = {info.value: "/".join([out.def_path, *key]) for key, _, info in out.get_dir_cache()}
                 for digest in md5s & files.keys():
-                    found.setdefault(digest, []).append(f"{files[digest]} (stage {stage})")
+                    found.setdefault(digest, []).append(f"{files[digest]} (stage {out.stage.name})")
         return found
 
     def metrics(self) -> dict[str, float]:
         """`dvc metrics show`: the workspace's metrics as flat dotted keys (`finetune.video_top1`)."""
-        shown = json.loads(self.run("dvc", "metrics", "show", "--json").stdout or "{}")
+        from dvc.repo import Repo
+
+        with Repo(str(self.root)) as repo:
+            shown = repo.metrics.show()
         flat: dict[str, float] = {}
-        for revision in shown.values():  # one: the workspace ("" or "workspace", by DVC version)
+        for revision in shown.values():  # one: the workspace
             for files in revision.get("data", {}).values():
                 flat.update(flatten(files.get("data", {})))
         return flat
@@ -234,13 +240,19 @@ class Workspace:
 
     def remote(self) -> Remote | None:
         """The default DVC remote, or None."""
-        found = self.run("dvc", "remote", "default", check=False)
-        name = found.stdout.strip()
-        if found.returncode != 0 or not name or " " in name:  # "No default remote set"
+        config = self._dvc_config()
+        name = config.get("core", {}).get("remote")
+        if not name or name not in config.get("remote", {}):
             return None
-        url = self.run("dvc", "config", f"remote.{name}.url").stdout.strip()
-        endpoint = self.run("dvc", "config", f"remote.{name}.endpointurl", check=False).stdout.strip() or None
-        return Remote(name, url, endpoint)
+        remote = config["remote"][name]
+        return Remote(name, remote["url"], remote.get("endpointurl"))
+
+    def _dvc_config(self, level: str | None = None) -> dict:
+        """DVC's configuration as DVC merges it (system, global, project, local), or one `level` of it."""
+        from dvc.config import Config
+
+        config = Config(dvc_dir=str(self.root / ".dvc"))
+        return config.read(level) if level else config
 
     def setup_remote(self, url: str, *, name: str = "storage", local: bool = False) -> Remote:
         """Make `url` (s3://bucket/prefix) the default DVC remote, with the S3 endpoint of the environment
@@ -260,7 +272,7 @@ class Workspace:
         if remote is None:
             raise WorkspaceError(f"{self.root}: no DVC remote is configured, so a worker cannot get the data: "
                                  f"{SETUP_HINT}")
-        if shared and not self.run("dvc", "config", "--project", "core.remote", check=False).stdout.strip():
+        if shared and not self._dvc_config("repo").get("core", {}).get("remote"):
             raise WorkspaceError(f"DVC remote {remote.name!r} is set in .dvc/config.local only, which clones do not "
                                  f"get: {SETUP_HINT}")
         if remote.url.startswith("s3://"):
