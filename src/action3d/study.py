@@ -87,7 +87,10 @@ def entry_workspace(project: Workspace, study: str, entry: str) -> Workspace:
     folder.parent.mkdir(parents=True, exist_ok=True)
     project.run("git", "clone", "--quiet", str(project.root), str(folder))
     ws = Workspace(folder)
-    cache = project.run("dvc", "cache", "dir").stdout.strip()
+    from dvc.repo import Repo
+
+    with Repo(str(project.root)) as repo:
+        cache = repo.cache.local_cache_dir  # the project's, wherever its config puts it
     ws.run("dvc", "cache", "dir", "--local", cache)
     local_config = project.root / ".dvc" / "config.local"  # a machine's own remote settings travel along
     if local_config.is_file():
