@@ -568,7 +568,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="the real clips, 1 step x 3 repeats: a smoke test")
     ap.add_argument("--out", type=Path, default=None,
-                    help="JSON (default: benchmarks/results/training_<cpu|cuda>.json)")
+                    help="JSON (default: benchmarks/results/training_<cpu-avx512-bf16|cpu-avx2|cuda>.json)")
     args = ap.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else \
@@ -591,7 +591,7 @@ def main(argv=None) -> dict:
     peak_size = args.peak_size or (1024 if args.quick else 8192 if kind == "cuda" else 4096)
     if kind == "cuda":
         torch.backends.cudnn.benchmark = True  # both recipes: the reference's main.py sets it too
-    out = args.out or HERE / "results" / f"training_{kind}.json"
+    out = args.out or HERE / "results" / f"training_{result_kind(device)}.json"
 
     engine, engine_source = load_engine()
     cases = build_cases(args, device)
@@ -637,6 +637,15 @@ def cpu_flags(device: torch.device) -> list[str]:
     except (OSError, StopIteration):
         return []
     return sorted(f for f in flags if f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"))
+
+
+def result_kind(device: torch.device) -> str:
+    """The JSON's name: one file per machine kind, since the two CPU kinds differ 2-4x and in what bf16 does
+    (`cpu-avx512-bf16`, `cpu-avx2`, `cpu-other`; `cuda`), so a run on one never overwrites the other's."""
+    if device.type != "cpu":
+        return device.type
+    flags = set(cpu_flags(device))
+    return "cpu-avx512-bf16" if "avx512_bf16" in flags else "cpu-avx2" if "avx2" in flags else "cpu-other"
 
 
 def cpu_kind() -> str:
