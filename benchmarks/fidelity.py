@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import platform
@@ -155,11 +156,13 @@ def variant(name: str):
         getitem = loaders.ClipDataset.__getitem__
 
         def one_frame_less(self, key):  # the draw range n - T + 1 becomes n - T, nothing else moves
+            if not self.train:  # evaluation windows: as they are
+                return getitem(self, key)
             index = key[1] if isinstance(key, tuple) else key
             rec = self.records[index]
-            if not self.train or rec.frames <= self.clip_frames * self.stride:
+            if rec.frames <= self.clip_frames * self.stride:
                 return getitem(self, key)
-            self.records[index] = loaders.VideoRecord(rec.index, rec.path, rec.cache, rec.label, rec.frames - 1, rec.fps)
+            self.records[index] = dataclasses.replace(rec, frames=rec.frames - 1)
             try:
                 return getitem(self, key)
             finally:
@@ -334,10 +337,15 @@ def main() -> None:
         rows = []
         for name in variants:
             for seed in args.seeds:
-                env = {**os.environ, "ACTION3D_QUIET": "1"}
-                done = subprocess.run([sys.executable, __file__, "--one", name, str(seed), "--work", str(work)],
-                                      check=True, capture_output=True, text=True, env=env)
-                rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+                kept = work / f"{name}-{seed}.json"  # a run done before in this --work: a rerun goes on from there
+                if not kept.is_file():
+                    env = {**os.environ, "ACTION3D_QUIET": "1"}
+                    done = subprocess.run([sys.executable, __file__, "--one", name, str(seed), "--work", str(work)],
+                                          capture_output=True, text=True, env=env)
+                    if done.returncode != 0:
+                        raise SystemExit(f"{name}, seed {seed} failed:\n{done.stderr[-3000:]}")
+                    kept.write_text(done.stdout.strip().splitlines()[-1] + "\n")
+                rows.append(json.loads(kept.read_text()))
                 print(json.dumps(rows[-1]), flush=True)
         result.update(seeds=args.seeds, runs=rows, table=summarise(rows))
         for label, entry in result["table"].items():
