@@ -465,9 +465,9 @@ def model_from_checkpoint(
 def model_card(params: Any, classes: list[str]) -> dict[str, Any]:
     """What a training stage stores in its checkpoints (key "card") besides the weights, so that `action3d predict`
     (`action3d.predict.Card`) classifies a raw video with no params.yaml: class names in label order, the clip, the
-    short side of the training frames, the normalisation."""
+    short side and JPEG quality of the training frames, the normalisation."""
     from action3d.data.transforms import KINETICS_MEAN, KINETICS_STD
 
     return {"classes": list(classes), "clip_frames": params.clip.frames, "stride": params.clip.stride,
             "crop_size": params.clip.crop_size, "short_side": params.cache.short_side,
-            "mean": list(KINETICS_MEAN), "std": list(KINETICS_STD)}
+            "jpeg_quality": params.cache.quality, "mean": list(KINETICS_MEAN), "std": list(KINETICS_STD)}

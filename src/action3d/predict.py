@@ -55,6 +55,7 @@ class Card:
     short_side: int
     mean: list[float]
     std: list[float]
+    jpeg_quality: int = 90  # the cache's JPEG (cache.quality): frames go through it as in training
 
     @classmethod
     def from_checkpoint(cls, ckpt: dict, where: str) -> Card:
@@ -62,7 +63,8 @@ class Card:
         if not isinstance(card, dict):
             raise PredictError(f"{where} carries no model card (class names, clip size): it was not written by a "
                                "training stage. Re-run its training stage (`dvc repro`) for a model that predicts")
-        return cls(**{k: card[k] for k in cls.__dataclass_fields__})
+        # a card written before jpeg_quality was one: the cache's default then and now
+        return cls(**{k: card[k] for k in cls.__dataclass_fields__ if k in card or k != "jpeg_quality"})
 
 
 @dataclass
@@ -85,13 +87,16 @@ class TooLong(PredictError):
     """A video longer than the caller allows, or slower to classify than it may take."""
 
 
-def scaled_frames(source: str | Path | io.BytesIO, short_side: int, *, max_seconds: float | None = None,
-                  deadline: float | None = None) -> tuple[Iterator[np.ndarray], float]:
-    """(frames uint8 [h, w, 3] scaled as the frame cache scales them, one at a time; the frame rate). A stream
-    that goes on past `max_seconds` of video, or past the `deadline` (time.monotonic()), raises TooLong there."""
+def scaled_frames(source: str | Path | io.BytesIO, short_side: int, *, quality: int | None = None,
+                  max_seconds: float | None = None, deadline: float | None = None
+                  ) -> tuple[Iterator[np.ndarray | torch.Tensor], float]:
+    """(the frames one at a time, as the frame cache makes them: decoded and scaled by its `scaled_stream`, uint8
+    [h, w, 3]; with `quality`, also through its JPEG at that quality, as the loaders read them: uint8 [3, h, w];
+    the frame rate). A stream that goes on past `max_seconds` of video, or past the `deadline`
+    (time.monotonic()), raises TooLong there."""
     import av
 
-    from action3d.data.cache import scaled_size
+    from action3d.data.cache import as_cached, scaled_stream
     from action3d.data.video import VideoReadError
 
     try:
@@ -107,17 +112,15 @@ def scaled_frames(source: str | Path | io.BytesIO, short_side: int, *, max_secon
     max_frames = None if max_seconds is None else max(1, int(max_seconds * min(fps, 240.0)))
 
     def frames() -> Iterator[np.ndarray]:
-        size, count = None, 0
+        count = 0
         try:
-            for frame in container.decode(stream):
+            for frame in scaled_stream(container, stream, short_side):
                 count += 1
                 if max_frames is not None and count > max_frames:
                     raise TooLong(f"the video is longer than the limit of {max_seconds:g} s per video")
                 if deadline is not None and time.monotonic() > deadline:
                     raise TooLong("not scored: the request took the time it may take; send shorter videos")
-                if size is None:
-                    size = scaled_size(frame.height, frame.width, short_side)
-                yield frame.reformat(width=size[1], height=size[0], format="rgb24", interpolation="AREA").to_ndarray()
+                yield frame if quality is None else as_cached(frame, quality)
         except (TooLong, GeneratorExit):
             raise
         except Exception as err:  # a corrupt packet part way: the frames before it stand, as in the cache
@@ -147,21 +150,21 @@ class Classifier:
         except CheckpointError as err:
             raise PredictError(str(err)) from None
 
-    def _window(self, frames: list[np.ndarray]) -> torch.Tensor:
-        """One window's clip from its frames (a short last window loops back to its own first frames, as the
-        evaluate stage's loader pads it)."""
+    def _window(self, frames: list[torch.Tensor]) -> torch.Tensor:
+        """One window's clip from its frames ([3, h, w] each; a short last window loops back to its own first
+        frames, as the evaluate stage's loader pads it)."""
         from action3d.data.loaders import clip_indices
 
         picked = clip_indices(0, self.card.clip_frames, self.card.stride, len(frames))
-        return self.transform(torch.from_numpy(np.stack([frames[i] for i in picked])).permute(0, 3, 1, 2))
+        return self.transform(torch.stack([frames[i] for i in picked]))
 
     @torch.inference_mode()
     def probabilities(self, source: str | Path | io.BytesIO, **limits: float | None) -> tuple[np.ndarray, float]:
         """Softmax of every window [windows, classes] and the video's fps, the windows scored as the stream goes
         (`limits`: scaled_frames' max_seconds and deadline)."""
-        frames, fps = scaled_frames(source, self.card.short_side, **limits)
+        frames, fps = scaled_frames(source, self.card.short_side, quality=self.card.jpeg_quality, **limits)
         span = self.card.clip_frames * self.card.stride
-        window: list[np.ndarray] = []
+        window: list[torch.Tensor] = []
         batch: list[torch.Tensor] = []
         probs: list[torch.Tensor] = []
 

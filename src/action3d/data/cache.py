@@ -35,7 +35,7 @@ import warnings
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable, NamedTuple, Sequence
+from typing import Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -212,6 +212,23 @@ def scaled_size(height: int, width: int, short_side: int) -> tuple[int, int]:
     return max(1, round(height * short_side / width)), short_side
 
 
+def scaled_stream(container, stream, short_side: int) -> Iterator[np.ndarray]:
+    """The frames of `stream`, decoded and scaled (area filter) so that the short side is `short_side`, RGB uint8
+    [h, w, 3], one at a time: the one decode path of the frame cache (training, evaluation) and of `action3d
+    predict` and the served model (action3d.predict), so a served model sees what it was trained on."""
+    size = None
+    for frame in container.decode(stream):
+        if size is None:
+            size = scaled_size(frame.height, frame.width, short_side)
+        yield frame.reformat(width=size[1], height=size[0], format="rgb24", interpolation="AREA").to_ndarray()
+
+
+def as_cached(frame: np.ndarray, quality: int):
+    """A scaled frame as the cache gives it back to the loaders (uint8 tensor [3, h, w]): through the cache's JPEG
+    encoder at `quality` and its decoder. Predict and serving put every frame through it: the same pixels."""
+    return _decode_jpegs(encode_jpegs(frame[None], quality=quality))[0]
+
+
 class Decoded(NamedTuple):
     """What `decode_scaled` got from a video: frames uint8 [T, h, w, 3], fps, and `truncated`: empty for a whole
     video, else what shows it is cut short ("decoded 12 frames, container says 50")."""
@@ -238,12 +255,8 @@ def decode_scaled(path: str | Path, short_side: int) -> Decoded:
             stream = container.streams.video[0]
             fps = float(stream.average_rate or stream.guessed_rate or 25)
             stated = stated_frames(container, stream, fps)
-            size = None
-            for frame in container.decode(stream):
-                if size is None:
-                    size = scaled_size(frame.height, frame.width, short_side)
-                frames.append(frame.reformat(width=size[1], height=size[0], format="rgb24",
-                                             interpolation="AREA").to_ndarray())
+            for frame in scaled_stream(container, stream, short_side):
+                frames.append(frame)
     except VideoReadError:
         raise
     except Exception as err:  # PyAV raises many types for a bad file; a partial decode is kept below
