@@ -116,9 +116,12 @@ def storage(s: Setup):
         return optuna.storages.JournalStorage(JournalFileBackend(url))
     grace = max(2, int(s.tune.grace_period))
     try:
-        return optuna.storages.RDBStorage(
-            url, engine_kwargs={"pool_pre_ping": True}, heartbeat_interval=max(1, grace // 10), grace_period=grace,
-            failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=None))
+        with warnings.catch_warnings():  # the heartbeat is "experimental" since Optuna 2.9: noise for our users
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(
+                url, engine_kwargs={"pool_pre_ping": True}, heartbeat_interval=max(1, grace // 10),
+                grace_period=grace,
+                heartbeat_stale_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=None))
     except Exception as err:  # noqa: BLE001 - sqlalchemy's many connection errors: one message
         shown = shareable_uri(url)
         raise TuneError(f"cannot open the Optuna storage {shown}: {str(err).splitlines()[0]}. Check that the "
@@ -222,7 +225,11 @@ def objective(s: Setup, parent_run_id: str | None):
         ctx = RunContext(tags={**params.tracking.tags, "study": s.study_name, "trial": str(trial.number)},
                          parent_run_id=parent_run_id, on_epoch=report)
         say(f"[tune] trial {trial.number}: {' '.join(overrides)}")
-        beat = contextlib.nullcontext() if s.optuna_heartbeat else _heartbeat(trial, s.tune.grace_period)
+        if s.optuna_heartbeat:  # who runs it; Optuna's heartbeat tells a live trial from a dead one
+            trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
+            beat = contextlib.nullcontext()
+        else:
+            beat = _heartbeat(trial, s.tune.grace_period)
         try:
             with beat:
                 result = run_stage(s, params, ctx, s.out_dir / folder)
