@@ -244,11 +244,13 @@ def plot(results: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for route in sorted({r["route"] for r in results}):
+    steps = ("split", "cache", "status", "push_cache", "push_noop", "pull")
+    colours = dict(zip(steps, plt.get_cmap("tab10").colors))  # a colour per step, a line style per route
+    for route in sorted({r["route"] for r in results}, reverse=True):
         rows = sorted((r for r in results if r["route"] == route), key=lambda r: r["n"])
-        for step in ("split", "cache", "status", "push_cache", "push_noop", "pull"):
+        for step in steps:
             ax.plot([r["n"] for r in rows], [r["steps"][step]["seconds"] for r in rows], marker="o",
-                    linestyle="-" if route == "packed" else ":", label=f"{step} ({route})")
+                    color=colours[step], linestyle="-" if route == "packed" else ":", label=f"{step} ({route})")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("videos in the set")
@@ -281,6 +283,7 @@ def main() -> None:
     ENV["MLFLOW_TRACKING_URI"] = f"sqlite:///{tempfile.mkdtemp()}/mlflow.db"
     os.environ.update({k: v for k, v in ENV.items() if k.startswith("AWS_")})  # boto3 here talks to moto too
     work_root = args.work or Path(tempfile.mkdtemp(prefix="scale-"))
+    work_root.mkdir(parents=True, exist_ok=True)
     server = moto(port, work_root / "moto.log")
     results = []
     try:
@@ -294,14 +297,20 @@ def main() -> None:
                 results.append(result)
                 print(json.dumps({k: v for k, v in result.items() if k != "steps"}), flush=True)
                 print("  " + ", ".join(f"{k} {v['seconds']} s" for k, v in result["steps"].items()), flush=True)
+                write(results, args.out)  # after every size: a run cut short keeps what it measured
             shutil.rmtree(work_root / f"n{n}", ignore_errors=True)
     finally:
         os.killpg(server.pid, 15)
-    out = {"cpu": cpu_kind(), "date": time.strftime("%Y-%m-%d"), "results": results}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2) + "\n")
-    plot(results, args.out.with_suffix(".png"))
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+
+
+def write(results: list[dict], out: Path) -> None:
+    data = {"cpu": cpu_kind(), "date": time.strftime("%Y-%m-%d"), "results": results}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, out)
+    plot(results, out.with_suffix(".png"))
 
 
 def _free_port() -> int:
