@@ -86,9 +86,9 @@ def train(stage: str = "scratch@pretrain", nnodes: int = 2, rdzv_endpoint: str |
         raise WorkspaceError(f"{ws.root} has no git remote 'origin': the nodes clone the revision from there")
     if revision:
         print(f"checked out {revision} = {ws.checkout(revision)}")
-    overrides = list(overrides or [])
+    # nnodes is one of the stage's knobs (the global batch): set here too, so that dvc.lock is asked about this run
+    overrides = [*(overrides or []), f"{section_of(stage)}.nnodes={nnodes}"]
     params = load_params(ws.root / "params.yaml", overrides)
-    section_of(stage)
     endpoint = rdzv_endpoint or params.distributed.rdzv_endpoint
     if not endpoint:
         raise WorkspaceError("the nodes need a place to meet: pass --rdzv-endpoint HOST:PORT (a free port on a "

@@ -182,6 +182,16 @@ def from_writer(make: Any) -> Any:
     return box[0]
 
 
+def share_buffers(model: torch.nn.Module) -> None:
+    """Every rank takes rank 0's buffers (BatchNorm's running statistics). After an epoch each rank holds its own,
+    moved by its last batch after DDP's broadcast from rank 0; shared, validation scores one model and the checkpoint
+    holds it whichever rank writes, so a job resumed on a new world steps on exactly as it would have. One process:
+    nothing to do."""
+    if is_distributed():
+        for buffer in model.buffers():
+            dist.broadcast(buffer.data, src=0)
+
+
 def barrier() -> None:
     if is_distributed():
         dist.barrier()

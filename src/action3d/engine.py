@@ -513,6 +513,7 @@ def fit(
             kept = f"the last good checkpoint is {last_path} (epoch {done})" if done else "no checkpoint was written"
             raise NonFiniteLossError(err.epoch, err.step, err.value, hint=kept) from None
         metrics = {"epoch": epoch, "lr": train.pop("lr"), **scalar_metrics(train, "train_")}
+        dist.share_buffers(model)  # one model to score and to checkpoint, whichever rank writes
         if val_loader is not None:
             val = evaluate(
                 model, criterion, val_loader, device,

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import os
 import re
 import subprocess
@@ -132,7 +131,6 @@ class Workspace:
     def stages(self, targets: list[str] | tuple[str, ...] = ()) -> list[str]:
         """The stages of dvc.yaml in its order (foreach items expanded: `split@pretrain`); with `targets`, only
         those and the stages upstream of them (what `dvc repro TARGET...` may run)."""
-        import networkx
         from dvc.repo import Repo
         from dvc.stage import PipelineStage
 
@@ -146,7 +144,12 @@ class Workspace:
                 raise WorkspaceError(f"no stage {', '.join(map(repr, unknown))} in {self.root / 'dvc.yaml'}; the "
                                      f"stages are: {', '.join(listed)}")
             graph = repo.index.graph  # an edge runs from a stage to one it depends on
-            needed = {*targets, *(getattr(s, "name", None) for t in targets for s in networkx.descendants(graph, named[t]))}
+            needed, todo = set(targets), [named[t] for t in targets]
+            while todo:  # everything upstream of the targets
+                for before in graph.successors(todo.pop()):
+                    if getattr(before, "name", None) not in needed:
+                        needed.add(getattr(before, "name", None))
+                        todo.append(before)
         return [name for name in listed if name in needed]
 
     def set_params(self, overrides: list[str] | tuple[str, ...]) -> None:
