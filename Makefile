@@ -46,10 +46,14 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -n auto --maxprocesses 4 --dist loadgroup -m "not slow and not integration"
 
 # speed, measured side by side in one run each (README, Performance): JSON in benchmarks/results/
+# The speed benchmarks, JSON in benchmarks/results/ (scale.py: about an hour on 2 cores). The fidelity ablation is
+# its own: `python benchmarks/fidelity.py` after `dvc repro cache@finetune-0` (about 40 minutes).
 bench: $(STAMP)
 	$(BIN)/python benchmarks/loading.py
 	$(BIN)/python benchmarks/training.py
 	$(BIN)/python benchmarks/end_to_end.py
+	$(BIN)/python benchmarks/multinode.py
+	$(BIN)/python benchmarks/scale.py --routes packed folder
 
 # Scheduled runs on one machine (README, "Scheduled runs"): `make prefect-server` in one terminal, `make worker` in
 # another, then `make deploy` (ACTIVE=1: schedules on at once). Elsewhere, point PREFECT_API_URL at your server.
