@@ -85,6 +85,13 @@ def run_under_torchrun(nproc: int, argv: list[str], rendezvous: Rendezvous | Non
 
     command = [sys.executable, "-m", "torch.distributed.run", *torchrun_args(nproc, rendezvous),
                "-m", "action3d.cli", *argv]
+    env = dict(os.environ)
+    if rendezvous is not None and rendezvous.nnodes > 1:
+        # By default torchrun's agents keep one store for the ranks across restarts, and the keys of a failed attempt
+        # stay there: a restarted rank can read its peer's dead address and wait on it for gloo's 30 minutes (seen
+        # in 3 of 4 trials: two agents on loopback, one rank killed). Opting out gives every attempt a fresh store
+        # on a fresh port, agreed at the rendezvous.
+        env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     child: subprocess.Popen | None = None
     pending: list[int] = []  # a signal that came before torchrun started
 
@@ -98,7 +105,7 @@ def run_under_torchrun(nproc: int, argv: list[str], rendezvous: Rendezvous | Non
     in_main_thread = threading.current_thread() is threading.main_thread()  # only it may set handlers
     previous = {sig: signal.signal(sig, forward) for sig in forwarded} if in_main_thread else {}
     try:
-        child = subprocess.Popen(command)
+        child = subprocess.Popen(command, env=env)
         for signum in pending:
             child.send_signal(signum)
         code = child.wait()
