@@ -1,7 +1,8 @@
 """Writing files that matter all or nothing: a temporary file beside the target, fsync, then os.replace.
 
 A crash (or a full disk) leaves either the previous file or the new one, never half of one. Checkpoints,
-manifests, metrics, CSVs and the cache index all go through here.
+manifests, metrics, CSVs, the cache index, plots, encoded videos and S3 downloads all go through here: `atomic_write`
+for bytes we produce, `replacing` for a library that writes to a file name itself.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import IO, Any, Callable, Iterable, Sequence
+from typing import IO, Any, Callable, Iterable, Iterator, Sequence
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -26,24 +27,35 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], object]) -> Path:
-    """Write through `write(file)` into a temporary file beside `path`, then rename it over `path`."""
+@contextlib.contextmanager
+def replacing(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary file beside `path` for the block to write, renamed over `path` when the block ends without an
+    error and removed otherwise. It keeps `path`'s suffix, so a writer that wants a file name and infers the format
+    from it (matplotlib, PyAV, boto3's download) writes through here as well as `atomic_write` does."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # on disk before the rename makes it the file
+        finally:
+            os.close(fd)
         os.chmod(tmp, 0o644)  # mkstemp makes 0600 files: keep outputs readable by the team
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    finally:
+        tmp.unlink(missing_ok=True)
     _fsync_dir(path.parent)
-    return path
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], object]) -> Path:
+    """Write through `write(file)` into a temporary file beside `path`, then rename it over `path`."""
+    with replacing(path) as tmp, open(tmp, "wb") as f:
+        write(f)
+    return Path(path)
 
 
 def write_atomic_bytes(path: str | os.PathLike, data: bytes) -> Path:

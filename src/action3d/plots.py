@@ -12,6 +12,8 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from action3d.atomic import replacing
+
 # history key -> legend label, for the panels of `plot_history`
 _LOSSES = {"train_loss": "train loss", "val_loss": "val loss (clips)"}
 _ACCURACIES = {"train_top1": "train top-1 (clips)", "val_top1": "val top-1 (clips)",
@@ -29,14 +31,11 @@ def _pyplot():
 
 def _save(fig, path: Path, dpi: int = 120) -> None:
     plt = _pyplot()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
     try:
-        fig.savefig(tmp, dpi=dpi)
+        with replacing(path) as tmp:
+            fig.savefig(tmp, dpi=dpi)
     finally:
         plt.close(fig)
-    tmp.replace(path)
 
 
 def _series(history: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, NamedTuple
@@ -38,6 +37,7 @@ from botocore.exceptions import (
     PartialCredentialsError,
 )
 
+from action3d.atomic import replacing
 from action3d.errors import Action3dError
 
 ENDPOINT_VARS = "AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL"
@@ -313,16 +313,11 @@ def download(uri: str, local_path: str | os.PathLike, *, config: S3Config | None
     if max_bytes is not None and size > max_bytes:
         raise TooLarge(f"{bucket.uri(key)} is {size} bytes, over the limit of {max_bytes}",
                        endpoint=bucket.endpoint, bucket=bucket.name, key=key)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    os.close(fd)
     try:
-        bucket.client.download_file(bucket.name, key, tmp, Config=TRANSFER)
-        os.replace(tmp, path)
+        with replacing(path) as tmp:
+            bucket.client.download_file(bucket.name, key, str(tmp), Config=TRANSFER)
     except (BotoCoreError, ClientError) as err:
         raise bucket.error(err, "download", key) from err
-    finally:
-        Path(tmp).unlink(missing_ok=True)
     return path
 
 

@@ -6,27 +6,18 @@ Frames are uint8 numpy arrays [T, H, W, 3] (RGB) throughout, the layout PyAV and
 from __future__ import annotations
 
 import functools
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 
-from action3d.atomic import write_atomic_bytes, write_atomic_text  # noqa: F401  (re-exported)
+from action3d.atomic import replacing, write_atomic_bytes, write_atomic_text  # noqa: F401  (re-exported)
 from action3d.data import raw
 from action3d.data.raw import VIDEO_EXTENSIONS, fingerprint, is_video_name  # noqa: F401  (re-exported)
 from action3d.errors import Action3dError
 
 CONTAINER_FORMATS = {".mp4": "mp4", ".avi": "avi", ".mkv": "matroska", ".mov": "mov", ".m4v": "mp4"}
-
-
-def atomic_path(path: Path) -> Path:
-    """A fresh temporary name in `path`'s folder with the same suffix (so containers infer the format)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
-    os.close(fd)
-    return Path(tmp)
 
 
 _X264_AVX512 = {"avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"}  # what x264 needs for its AVX-512 code
@@ -74,35 +65,30 @@ def write_video(
     fmt = CONTAINER_FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise ValueError(f"{path}: cannot write a {path.suffix!r} file; use one of {sorted(CONTAINER_FORMATS)}")
-    tmp = atomic_path(path)
-    try:
-        with av.open(str(tmp), mode="w", format=fmt) as container:
-            stream = container.add_stream("libx264", rate=fps)
-            ctx = stream.codec_context
-            ctx.pix_fmt = "yuv420p"
-            ctx.gop_size = gop
-            ctx.max_b_frames = bframes
-            ctx.thread_count = 1
-            ctx.options = {
-                "preset": preset,
-                "crf": str(crf),
-                "x264-params": f"keyint={gop}:min-keyint={gop}:scenecut=0" + x264_asm_params(),
-            }
-            opened = False
-            for array in frames:
-                if not opened:
-                    ctx.height, ctx.width = array.shape[:2]
-                    opened = True
-                frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(array), format="rgb24")
-                for packet in stream.encode(frame):
-                    container.mux(packet)
+    with replacing(path) as tmp, av.open(str(tmp), mode="w", format=fmt) as container:
+        stream = container.add_stream("libx264", rate=fps)
+        ctx = stream.codec_context
+        ctx.pix_fmt = "yuv420p"
+        ctx.gop_size = gop
+        ctx.max_b_frames = bframes
+        ctx.thread_count = 1
+        ctx.options = {
+            "preset": preset,
+            "crf": str(crf),
+            "x264-params": f"keyint={gop}:min-keyint={gop}:scenecut=0" + x264_asm_params(),
+        }
+        opened = False
+        for array in frames:
             if not opened:
-                raise ValueError(f"{path}: no frames to write")
-            for packet in stream.encode():
+                ctx.height, ctx.width = array.shape[:2]
+                opened = True
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(array), format="rgb24")
+            for packet in stream.encode(frame):
                 container.mux(packet)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+        if not opened:
+            raise ValueError(f"{path}: no frames to write")
+        for packet in stream.encode():
+            container.mux(packet)
 
 
 def read_frames(path: str | Path) -> tuple[np.ndarray, float]:
