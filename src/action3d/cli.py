@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from action3d.errors import Action3dError
-from action3d.stages import STAGES, RunContext
+from action3d.stages import RAN_LOG, STAGES, RunContext
 
 
 def _params(args: argparse.Namespace):
@@ -44,6 +44,9 @@ def _run_stage(args: argparse.Namespace) -> dict:
     if "RANK" not in os.environ or _writer():  # the one process, or under torchrun the rank that writes outputs
         write_json(project_root() / "runs" / "timings" / f"{label}.json",
                    {"stage": label, "seconds": round(time.monotonic() - started, 1)})
+        if os.environ.get(RAN_LOG):  # the caller asked to hear which stages ran (Workspace.repro)
+            with open(os.environ[RAN_LOG], "a") as log:
+                log.write(label + "\n")
     return result
 
 

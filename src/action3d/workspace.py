@@ -22,14 +22,15 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from action3d.atomic import write_atomic_text
 from action3d.config import ParamsError, apply_override, flatten, load_params
 from action3d.errors import Action3dError
+from action3d.stages import RAN_LOG
 
-RAN = re.compile(r"Running stage '([^']+)'")
 # the fix every "no usable DVC remote" error suggests
 SETUP_HINT = "run `action3d remote setup s3://BUCKET/PREFIX` in the project (then commit .dvc/config)"
 
@@ -185,7 +186,10 @@ class Workspace:
         `env`: variables for the stage's command (a multi-node stage's rendezvous)."""
         argv = ["dvc", "repro", *(["--pull"] if pull else []), *(["--single-item"] if single else []),
                 *(["--force"] if force else []), stage]
-        return RAN.findall(self.run(*argv, echo=True, env=env).stdout)
+        with tempfile.TemporaryDirectory() as tmp:  # each stage command that runs names itself there
+            log = Path(tmp) / "ran"
+            self.run(*argv, echo=True, env={**(env or {}), RAN_LOG: str(log)})
+            return log.read_text().split() if log.is_file() else []
 
     def is_current(self, stage: str) -> bool:
         """Whether dvc.lock's entry for `stage` matches its command, deps and params here: its outputs are then the

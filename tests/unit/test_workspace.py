@@ -122,3 +122,15 @@ def test_a_stage_is_current_when_the_lock_matches_its_inputs_even_with_its_outpu
     assert ws.is_current("copy")
     (tmp_path / "in.txt").write_text("two\n")
     assert not ws.is_current("copy")
+
+
+def test_repro_names_the_stages_whose_command_ran_not_those_dvc_restored(tmp_path):
+    from tests.helpers import make_project_repo
+
+    ws = Workspace(make_project_repo(tmp_path / "project"))
+    assert ws.repro("check", single=True) == ["check"]
+    assert ws.repro("check", single=True) == []  # up to date
+    (ws.root / "runs" / "params.ok").unlink()
+    assert ws.repro("check", single=True) == []  # restored from DVC's run cache, its command not run
+    assert (ws.root / "runs" / "params.ok").is_file()
+    assert ws.repro("check", single=True, force=True) == ["check"]

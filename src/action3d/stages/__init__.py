@@ -17,6 +17,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 ROLES = ("pretrain", "finetune")  # the large set and the small one (params: data.<role>)
+# a file each stage command, once it has run, appends its name to (dvc.yaml's, e.g. scratch@pretrain): how
+# Workspace.repro learns which commands DVC ran, without reading DVC's log
+RAN_LOG = "ACTION3D_RAN_LOG"
 
 
 @dataclass
