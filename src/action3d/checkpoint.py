@@ -1,4 +1,4 @@
-"""Checkpoints, in one place: reading (ours and the reference's), writing, exact resume, rebuilding a model.
+"""Checkpoint files, in one place: reading (ours and the reference's), writing, and the state that resumes a run.
 
 Two kinds of file are read, both by `read_checkpoint`, always with `torch.load(..., weights_only=True)` so that
 a downloaded file can never run code:
@@ -7,16 +7,16 @@ a downloaded file can never run code:
   state_dict, keys often prefixed "module." (DataParallel);
 - ours, made by `make_checkpoint` and written by `save_checkpoint`: {"arch": registry name, "model_kwargs",
   "state_dict" (no wrapper prefixes), "epoch" (epochs completed), "optimizer", "scheduler", "rng",
-  "best_metric", "history", **extra}. "arch" + "model_kwargs" rebuild the model (`model_from_checkpoint`), the
-  rest resumes a run where it stopped (`restore_checkpoint`).
+  "best_metric", "history", **extra}. "arch" + "model_kwargs" rebuild the model
+  (`action3d.models.transfer.model_from_checkpoint`), the rest resumes a run where it stopped (`restore_checkpoint`).
 
 Only tensors and plain containers (dict, list, tuple, str, int, float, bool, None) survive weights_only loading:
 keep anything else (numpy arrays, custom objects) out of a checkpoint, or convert it to tensors or lists first.
 A file that is not a checkpoint (a video, a text file, a truncated download, a pickled nn.Module) raises
 `CheckpointError` naming the file and what was expected.
 
-Fine-tuning the paper's way: build the target model (new class count), call `load_pretrained` (the classifier is
-re-initialised when class counts differ), then `action3d.models.transfer.freeze_before(model, "layer4")`.
+Weights into a model (fine-tuning's `load_pretrained`, the params check's `check_fits`, `model_from_checkpoint`)
+live with the models, in `action3d.models.transfer`; this module only reads and writes the files.
 
 Pure torch: nothing here imports the MLOps stack (mlflow, prefect, pydantic) or a video decoder.
 """
@@ -30,18 +30,16 @@ import re
 import warnings
 import zipfile
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from action3d.atomic import atomic_write, copy_atomic
 from action3d.errors import Action3dError
-from action3d.models.registry import classifier_name, create_model, is_model
+from action3d.models.registry import unwrap_model
 
 LAST, BEST = "last.pt", "best.pt"  # a training run's checkpoints: after its latest epoch, after its best one
 EXPECTED = "an action3d checkpoint (model.pt written by a training stage) or a 3D-ResNets-PyTorch .pth"
@@ -60,33 +58,11 @@ class CheckpointMismatchError(CheckpointError):
     """A checkpoint's tensors do not fit the model it is loaded into; the message names the key and the fix."""
 
 
-@dataclass(frozen=True)
-class LoadedCheckpoint:
-    """What `load_pretrained` found: the file's arch and epoch (None when absent), the class count of its
-    classifier, and whether the model kept a fresh head."""
-
-    arch: str | None
-    epoch: int | None
-    n_pretrain_classes: int
-    head_replaced: bool
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The plain network inside DataParallel / DistributedDataParallel / torch.compile wrappers (its state_dict
-    keys carry no prefixes)."""
-    while True:
-        if isinstance(model, (nn.DataParallel, DistributedDataParallel)):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
-            model = model._orig_mod
-        else:
-            return model
-
-
 # --- reading -----------------------------------------------------------------------------------------------------
 
 
-def _describe(source: Source) -> str:
+def source_name(source: Source) -> str:
+    """A checkpoint source as error messages name it."""
     return "checkpoint dict" if isinstance(source, Mapping) else str(source)
 
 
@@ -162,7 +138,7 @@ def read_checkpoint(source: Source, *, map_location: str | torch.device = "cpu",
     Anything else (not a PyTorch file, a pickle that needs code, a dict without a state_dict) raises
     `CheckpointError` naming the file and what was expected.
     """
-    where = _describe(source)
+    where = source_name(source)
     ckpt = source if isinstance(source, Mapping) else _load_file(Path(source), map_location)
     if not isinstance(ckpt, Mapping):
         raise _not_a_checkpoint(where, f"it holds a {type(ckpt).__name__}, not a dict of weights")
@@ -317,157 +293,3 @@ def restore_checkpoint(
     if state.get("rng") is not None:
         restore_rng_state(state["rng"], generators)
     return int(state.get("epoch") or 0)
-
-
-# --- weights into models: transfer and rebuild -------------------------------------------------------------------
-
-
-def _mismatch_message(where: str, model: nn.Module, ckpt_arch, problems: list[tuple]) -> str:
-    key, ckpt_shape, model_shape = problems[0]
-    if ckpt_shape is None:
-        first = f"{key!r} (shape {model_shape}) is in the model but not in the checkpoint"
-    elif model_shape is None:
-        first = f"{key!r} (shape {ckpt_shape}) is in the checkpoint but not in the model"
-    else:
-        first = f"{key!r} has shape {ckpt_shape} in the checkpoint but {model_shape} in the model"
-    keys = [problem[0] for problem in problems]
-    if all(".downsample." in k for k in keys):
-        # Type-A shortcuts have no parameters: only the projection (type B) adds downsample keys.
-        shortcut = "A" if all(problem[1] is None for problem in problems) else "B"
-        fix = (
-            f"the checkpoint was trained with shortcut_type='{shortcut}': "
-            f"build the model with shortcut_type='{shortcut}'"
-        )
-    else:
-        said = f" (the file says arch={ckpt_arch!r})" if ckpt_arch else ""
-        fix = (
-            f"build the model that matches the checkpoint{said}: another model name (family or depth), "
-            f"or other width (widen_factor, k, cardinality) or stem (n_input_channels, conv1_t_size) settings"
-        )
-    arch = getattr(model, "arch", type(model).__name__)
-    return f"{where} does not fit model {arch!r}: {first}; {len(problems)} key(s) differ in all. Fix: {fix}."
-
-
-def _fit(model: nn.Module, state: Mapping[str, torch.Tensor]) -> tuple[list[tuple], bool]:
-    """(the keys whose shapes differ between `model` and checkpoint `state`, as (key, checkpoint shape, model
-    shape); whether only the classifier's class count differs, which fine-tuning replaces)."""
-    head_prefix = classifier_name(model) + "."
-    own = model.state_dict()
-    problems: list[tuple[str, tuple | None, tuple | None]] = []
-    replace_head = False
-    for key, tensor in own.items():
-        if key not in state:
-            # Files from before PyTorch 0.4.1 lack BN's counter; BN's loader fills it in.
-            if not key.endswith("num_batches_tracked"):
-                problems.append((key, None, tuple(tensor.shape)))
-        elif state[key].shape != tensor.shape:
-            if key.startswith(head_prefix) and state[key].shape[1:] == tensor.shape[1:]:
-                replace_head = True
-            else:
-                problems.append((key, tuple(state[key].shape), tuple(tensor.shape)))
-    problems += [(key, tuple(value.shape), None) for key, value in state.items() if key not in own]
-    return problems, replace_head
-
-
-# 3D-ResNets-PyTorch writes `arch` as "<model>-<depth>" (opts.py: model, model_depth): our registry's name for each
-_REFERENCE_FAMILIES = {"resnet": "resnet", "preresnet": "preact_resnet", "wideresnet": "wide_resnet",
-                       "resnext": "resnext", "densenet": "densenet", "resnet2p1d": "r2plus1d"}
-
-
-def registry_name(arch: str | None) -> str | None:
-    """Our model name for a checkpoint's `arch`: ours as it is, the reference's "resnet-18" as "resnet18"; None
-    when the file names none we know."""
-    if not isinstance(arch, str):
-        return None
-    if is_model(arch):
-        return arch
-    family, _, depth = arch.lower().rpartition("-")
-    name = f"{_REFERENCE_FAMILIES.get(family, family)}{depth}"
-    return name if is_model(name) else None
-
-
-def check_fits(path: str | os.PathLike, model_name: str, model_kwargs: Mapping[str, Any], *, knob: str) -> None:
-    """Raise CheckpointMismatchError unless checkpoint `path` loads into `model_name` built with `model_kwargs`
-    (any class count): its `arch` names that model and its keys and shapes are the model's. Reads the keys and
-    shapes, not the weights (the file is memory-mapped, the model built on the meta device); `knob` is the params
-    key that names the file, for the message."""
-    try:
-        ckpt = read_checkpoint(path, mmap=True)
-    except CheckpointError as err:
-        raise CheckpointError(f"{knob}: {err}") from None
-    named = registry_name(ckpt.get("arch"))
-    if named is not None and named != model_name:
-        raise CheckpointMismatchError(f"{knob} ({path}) is a {ckpt['arch']} (its 'arch'), but model.name is "
-                                      f"{model_name}: set model.name: {named}, or give a {model_name} checkpoint")
-    with torch.device("meta"):
-        model = create_model(model_name, **{k: v for k, v in model_kwargs.items() if k != "n_classes"})
-    problems, _ = _fit(model, ckpt["state_dict"])
-    if problems:
-        raise CheckpointMismatchError(f"{knob}: " + _mismatch_message(str(path), model, ckpt.get("arch"), problems))
-
-
-def load_pretrained(
-    model: nn.Module, source: Source, *, map_location: str | torch.device = "cpu"
-) -> LoadedCheckpoint:
-    """Load a checkpoint's weights into `model` in place, for transfer learning.
-
-    Every tensor must match by name and shape, except the classifier when only its class count differs
-    (n_pretrain_classes != the model's n_classes): then everything else loads and the model keeps its freshly
-    initialised head. Anything else raises CheckpointMismatchError naming the first bad key, both shapes, and the
-    setting to change.
-    """
-    ckpt = read_checkpoint(source, map_location=map_location)
-    state = ckpt["state_dict"]
-    target = unwrap_model(model)
-    head_prefix = classifier_name(target) + "."
-    problems, replace_head = _fit(target, state)
-    if problems:
-        raise CheckpointMismatchError(_mismatch_message(_describe(source), target, ckpt.get("arch"), problems))
-
-    n_pretrain_classes = state[head_prefix + "weight"].shape[0]
-    if replace_head:
-        state = {key: value for key, value in state.items() if not key.startswith(head_prefix)}
-    target.load_state_dict(state, strict=not replace_head)
-    return LoadedCheckpoint(
-        arch=ckpt.get("arch"),
-        epoch=ckpt.get("epoch"),
-        n_pretrain_classes=int(n_pretrain_classes),
-        head_replaced=replace_head,
-    )
-
-
-def model_from_checkpoint(
-    source: Source, *, n_classes: int | None = None, map_location: str | torch.device = "cpu"
-) -> nn.Module:
-    """Rebuild a model from one of our checkpoints ("arch" + "model_kwargs") and load its weights.
-
-    `n_classes`, when given and different from the checkpoint's, builds a fresh classifier of that size
-    (fine-tuning from our own pretraining run).
-    """
-    ckpt = read_checkpoint(source, map_location=map_location)
-    arch, kwargs = ckpt.get("arch"), ckpt.get("model_kwargs")
-    if kwargs is None or not isinstance(arch, str) or not is_model(arch):
-        raise CheckpointError(
-            f"{_describe(source)} does not say how to rebuild its model (arch={arch!r}, "
-            f"model_kwargs={'present' if kwargs is not None else 'absent'}): expected an action3d checkpoint "
-            f"(model.pt written by a training stage). A file saved by 3D-ResNets-PyTorch is like that: build the "
-            f"model yourself, e.g. create_model('resnet50', shortcut_type='B', n_classes=...), then call "
-            f"load_pretrained(model, path) (the pipeline does that for finetune.pretrained)."
-        )
-    kwargs = dict(kwargs)
-    if n_classes is not None:
-        kwargs["n_classes"] = n_classes
-    model = create_model(arch, **kwargs)
-    load_pretrained(model, ckpt)
-    return model
-
-
-def model_card(params: Any, classes: list[str]) -> dict[str, Any]:
-    """What a training stage stores in its checkpoints (key "card") besides the weights, so that `action3d predict`
-    (`action3d.predict.Card`) classifies a raw video with no params.yaml: class names in label order, the clip, the
-    short side and JPEG quality of the training frames, the normalisation."""
-    from action3d.data.transforms import KINETICS_MEAN, KINETICS_STD
-
-    return {"classes": list(classes), "clip_frames": params.clip.frames, "stride": params.clip.stride,
-            "crop_size": params.clip.crop_size, "short_side": params.cache.short_side,
-            "jpeg_quality": params.cache.quality, "mean": list(KINETICS_MEAN), "std": list(KINETICS_STD)}

@@ -89,7 +89,7 @@ def prepare_model(
     """Move `model` to `device`, optionally channels_last_3d and torch.compile, then wrap it in DDP under torchrun.
 
     Build the optimizer from the returned model's parameters (they are the same tensors as the input model's).
-    `action3d.checkpoint.unwrap_model` gives the plain module back, e.g. for its state_dict.
+    `action3d.models.registry.unwrap_model` gives the plain module back, e.g. for its state_dict.
     """
     device = torch.device(device)
     model = model.to(device)

@@ -34,8 +34,9 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from action3d.checkpoint import CheckpointError, model_from_checkpoint, read_checkpoint
+from action3d.checkpoint import CheckpointError, read_checkpoint
 from action3d.errors import Action3dError
+from action3d.models.transfer import model_from_checkpoint
 
 WINDOWS_PER_BATCH = 16
 
@@ -65,6 +66,17 @@ class Card:
                                "training stage. Re-run its training stage (`dvc repro`) for a model that predicts")
         # a card written before jpeg_quality was one: the cache's default then and now
         return cls(**{k: card[k] for k in cls.__dataclass_fields__ if k in card or k != "jpeg_quality"})
+
+
+def model_card(params: Any, classes: list[str]) -> dict[str, Any]:
+    """The card a training stage stores in its checkpoints (key "card") besides the weights, so that `predict` and
+    the served model classify a raw video with no params.yaml: class names in label order, the clip, the short side
+    and JPEG quality of the training frames, the normalisation. `Card.from_checkpoint` reads it back."""
+    from action3d.data.transforms import KINETICS_MEAN, KINETICS_STD
+
+    return asdict(Card(classes=list(classes), clip_frames=params.clip.frames, stride=params.clip.stride,
+                       crop_size=params.clip.crop_size, short_side=params.cache.short_side, mean=list(KINETICS_MEAN),
+                       std=list(KINETICS_STD), jpeg_quality=params.cache.quality))
 
 
 @dataclass

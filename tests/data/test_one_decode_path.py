@@ -15,7 +15,8 @@ import pandas as pd
 import pytest
 import torch
 
-from action3d.checkpoint import make_checkpoint, model_card, save_checkpoint
+from action3d.checkpoint import make_checkpoint, save_checkpoint
+from action3d.predict import model_card
 from action3d.config import load_params
 from action3d.data.annotations import build_manifests, read_classes
 from action3d.data.cache import build_cache

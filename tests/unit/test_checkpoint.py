@@ -16,17 +16,16 @@ from action3d.checkpoint import (
     CheckpointMismatchError,
     capture_rng_state,
     copy_checkpoint,
-    load_pretrained,
     make_checkpoint,
-    model_from_checkpoint,
     read_checkpoint,
     restore_checkpoint,
     restore_rng_state,
     save_checkpoint,
-    unwrap_model,
 )
 from action3d.errors import Action3dError
 from action3d.models import create_model
+from action3d.models.registry import registry_name, unwrap_model
+from action3d.models.transfer import check_fits, load_pretrained, model_from_checkpoint
 
 CLIP = (2, 3, 8, 32, 32)
 SMALL = {"widen_factor": 0.125}  # ResNet wiring with 8..64 channels: fast, same keys
@@ -272,7 +271,6 @@ def test_a_published_checkpoint_is_checked_against_the_model_from_its_keys_and_a
     """What the check stage asks before any stage runs: the file says `arch` 'resnet-18' (3D-ResNets-PyTorch's
     "<model>-<depth>") and holds resnet18's keys and shapes, any class count; another depth or another model name
     is named with the knob to change."""
-    from action3d.checkpoint import check_fits, registry_name
 
     assert (registry_name("resnet-18"), registry_name("resnext-101"), registry_name("preresnet-34"),
             registry_name("resnet2p1d-18"), registry_name("resnet18"), registry_name("vgg-16")) == (

@@ -5,9 +5,10 @@
 
 Importing this package registers every family (resnet, preact_resnet,
 wide_resnet, resnext, densenet, r2plus1d), and imports torch alone.
-Checkpoints (reading, writing, `load_pretrained`, `model_from_checkpoint`)
-live in `action3d.checkpoint`; the fine-tuning steps on a built model
-(`freeze_before`, `replace_classifier`) in `action3d.models.transfer`.
+Checkpoint files (reading, writing) live in `action3d.checkpoint`; weights
+into a built model (`load_pretrained`, `check_fits`, `model_from_checkpoint`)
+and the fine-tuning steps (`freeze_before`, `replace_classifier`) in
+`action3d.models.transfer`.
 """
 
 from . import densenet, preact_resnet, r2plus1d, resnet, resnext, wide_resnet  # noqa: F401  (registers models)

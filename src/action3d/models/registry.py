@@ -19,6 +19,7 @@ import re
 from collections.abc import Callable
 
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 
@@ -87,3 +88,32 @@ def classifier_name(model: nn.Module) -> str:
             f"models built by action3d.models.create_model have one"
         )
     return name
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The plain network inside DataParallel / DistributedDataParallel / torch.compile wrappers (its state_dict
+    keys carry no prefixes)."""
+    while True:
+        if isinstance(model, (nn.DataParallel, DistributedDataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        else:
+            return model
+
+
+# 3D-ResNets-PyTorch writes `arch` as "<model>-<depth>" (opts.py: model, model_depth): our registry's name for each
+_REFERENCE_FAMILIES = {"resnet": "resnet", "preresnet": "preact_resnet", "wideresnet": "wide_resnet",
+                       "resnext": "resnext", "densenet": "densenet", "resnet2p1d": "r2plus1d"}
+
+
+def registry_name(arch: str | None) -> str | None:
+    """Our model name for a checkpoint's `arch`: ours as it is, the reference's "resnet-18" as "resnet18"; None
+    when the file names none we know."""
+    if not isinstance(arch, str):
+        return None
+    if is_model(arch):
+        return arch
+    family, _, depth = arch.lower().rpartition("-")
+    name = f"{_REFERENCE_FAMILIES.get(family, family)}{depth}"
+    return name if is_model(name) else None

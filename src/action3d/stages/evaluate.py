@@ -28,7 +28,7 @@ def score(params: Params, *, model: str | Path, manifest: str | Path, cache: str
     from torch import nn
 
     from action3d import engine
-    from action3d.checkpoint import model_from_checkpoint
+    from action3d.models.transfer import model_from_checkpoint
     from action3d.data import make_eval_loader, read_classes
     from action3d.distributed import pick_device
 

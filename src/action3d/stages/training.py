@@ -23,7 +23,8 @@ from torch import nn
 
 from action3d import engine, precision
 from action3d.atomic import write_csv, write_json
-from action3d.checkpoint import copy_checkpoint, epochs_done, model_card
+from action3d.checkpoint import copy_checkpoint, epochs_done
+from action3d.predict import model_card
 from action3d.config import Params, Train
 from action3d.data import make_eval_loader, make_train_loader, read_classes, read_manifest
 from action3d.data.cache import cache_digest
