@@ -14,8 +14,8 @@ Storage: a journal file (runs/tune/<study>.journal) by default, safe for several
 RDB URL (PostgreSQL) for many machines. A trial whose worker died (its heartbeat silent for `tune.grace_period`
 seconds, or on this machine its process gone) is marked failed and its knobs queued again, with its folder: it
 resumes from that trial's checkpoint. On an RDB storage that is Optuna's own heartbeat and
-RetryFailedTrialCallback; Optuna 5's journal storage has no heartbeat, so for it a thread writes the beat as a user
-attribute and `requeue_dead_trials` does the rest, through the storage's public API.
+RetryHeartbeatStaleTrialCallback; Optuna 5's journal storage has no heartbeat, so for it a thread writes the beat as
+a user attribute and `requeue_dead_trials` does the rest, through the storage's public API.
 
 MLflow: the study is a parent run (`tune-<study>`); each trial is the stage's own run, nested under it, with its
 knobs, per-epoch metrics and tags trial / trial_state (COMPLETE, PRUNED, FAIL); the parent gets the best knobs,
@@ -121,7 +121,7 @@ def storage(s: Setup):
             return optuna.storages.RDBStorage(
                 url, engine_kwargs={"pool_pre_ping": True}, heartbeat_interval=max(1, grace // 10),
                 grace_period=grace,
-                heartbeat_stale_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=None))
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=None))
     except Exception as err:  # noqa: BLE001 - sqlalchemy's many connection errors: one message
         shown = shareable_uri(url)
         raise TuneError(f"cannot open the Optuna storage {shown}: {str(err).splitlines()[0]}. Check that the "
