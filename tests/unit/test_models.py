@@ -1,10 +1,15 @@
 """The model zoo: registry, every network's forward pass, sizes and costs against the reference."""
 
+import json
+import subprocess
+import sys
+
 import pytest
 import torch
 
+from action3d.cli import format_model_table
 from action3d.models import create_model, list_models, model_family, register_model
-from action3d.models.summary import count_flops, count_params, format_model_table, model_table
+from action3d.models.summary import TABLE, count_flops, count_params, model_table
 
 EXPECTED_MODELS = (
     [f"densenet{d}" for d in (121, 169, 201, 264)]
@@ -170,7 +175,18 @@ def test_model_table_formats_rows():
 
 
 @pytest.mark.slow
-def test_model_table_covers_every_model():
+def test_the_shipped_model_table_is_every_model_measured_now():
     rows = model_table()
     assert [row["name"] for row in rows] == list_models()
     assert all(row["params"] > 0 and row["flops"] > 0 for row in rows)
+    assert json.loads(TABLE.read_text()) == rows, "a model changed: run `python -m action3d.models.summary`"
+
+
+def test_action3d_models_prints_the_shipped_table_filtered():
+    done = subprocess.run([sys.executable, "-m", "action3d.cli", "models", "resnet1"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert [line.split()[0] for line in lines[2:]] == [
+        "preact_resnet10", "preact_resnet18", "preact_resnet101", "preact_resnet152",
+        "resnet10", "resnet18", "resnet101", "resnet152"]
+    assert lines[7].split() == ["resnet18", "resnet", "33.4", "16.6"]

@@ -1,18 +1,25 @@
 """The model table behind `action3d models`: size and cost of every registered network.
 
-Networks are built on the "meta" device (shapes only, no memory, no init
-cost) and their forward FLOPs counted there with torch's FlopCounterMode, so
-the whole table takes seconds.
+Networks are built on the "meta" device (shapes only, no memory) and their forward FLOPs counted there with torch's
+FlopCounterMode: seconds for the whole zoo, which is still several times the cost of importing torch. So the table
+ships with the package (table.json, written by `python -m action3d.models.summary`) and `action3d models` prints it
+without importing torch; a unit test measures the models again and fails when the file no longer matches them.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
+from action3d.atomic import write_json
+
 from .registry import create_model, list_models, model_family
+
+TABLE = Path(__file__).with_name("table.json")  # model_table() at its defaults: what `action3d models` prints
 
 
 def _meta_model(name: str, **kwargs) -> torch.nn.Module:
@@ -76,14 +83,10 @@ def model_table(
     return rows
 
 
-def format_model_table(rows: list[dict]) -> str:
-    """A plain-text table: name, family, params in millions, GFLOPs, one decimal each."""
-    header = ("model", "family", "params (M)", "GFLOPs")
-    body = [(r["name"], r["family"], f"{r['params'] / 1e6:.1f}", f"{r['flops'] / 1e9:.1f}") for r in rows]
-    widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
-    lines = [
-        "  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
-        for row in [header, *body]
-    ]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+def write_table(path: Path = TABLE) -> Path:
+    """Measure every model (`model_table` at its defaults) into `path`: the table `action3d models` prints."""
+    return write_json(path, model_table(progress=True))
+
+
+if __name__ == "__main__":  # after adding or changing a model: python -m action3d.models.summary
+    print(f"wrote {write_table()}")
