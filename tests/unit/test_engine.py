@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from action3d import engine
 from action3d.checkpoint import CheckpointError, read_checkpoint
 from action3d.engine import (
+    FitConfig,
     NonFiniteLossError,
     build_optimizer,
     build_scheduler,
@@ -81,9 +82,9 @@ def run_fit(tmp: Path, epochs: int, *, seed: int = 0, on_epoch_end=None, train=N
     optimizer = build_optimizer(model, lr=0.5)
     scheduler = build_scheduler(optimizer, name="cosine", epochs=epochs, warmup_epochs=int(epochs > 1))
     result = fit(
-        model, train or train_loader, val_loader, epochs=epochs, optimizer=optimizer, scheduler=scheduler,
-        checkpoint_dir=tmp, arch="tiny", model_kwargs={"num_classes": CLASSES}, device="cpu",
-        on_epoch_end=on_epoch_end, progress=False, **kw,
+        model, train or train_loader, val_loader, FitConfig(epochs, progress=False, **kw), optimizer=optimizer,
+        scheduler=scheduler, checkpoint_dir=tmp, arch="tiny", model_kwargs={"num_classes": CLASSES},
+        on_epoch_end=on_epoch_end,
     )  # fmt: skip
     return model, result
 
@@ -150,8 +151,8 @@ def test_resume_refuses_a_checkpoint_of_another_architecture(tmp_path):
     model = TinyNet()
     train, val = loaders()
     with pytest.raises(CheckpointError, match=r"last\.pt.*'tiny'.*'other'"):
-        fit(model, train, val, epochs=2, optimizer=build_optimizer(model), checkpoint_dir=tmp_path, arch="other",
-            model_kwargs={"num_classes": CLASSES}, device="cpu", progress=False)  # fmt: skip
+        fit(model, train, val, FitConfig(2, progress=False), optimizer=build_optimizer(model),
+            checkpoint_dir=tmp_path, arch="other", model_kwargs={"num_classes": CLASSES})  # fmt: skip
 
 
 def test_resume_from_a_damaged_last_checkpoint_names_it_and_says_what_to_do(tmp_path):
@@ -316,8 +317,8 @@ DDP_SCRIPT = textwrap.dedent(
     val = DataLoader(val_set, batch_size=5, sampler=distributed.ShardSampler(len(val_set)))
     optimizer = engine.build_optimizer(model, lr=0.05)
     result = engine.fit(
-        model, train, val, epochs=2, optimizer=optimizer, checkpoint_dir=out / f"ck{info.rank}", arch="tiny",
-        model_kwargs={"num_classes": CLASSES}, device=info.device, progress=False,
+        model, train, val, engine.FitConfig(2, device=info.device, progress=False), optimizer=optimizer,
+        checkpoint_dir=out / f"ck{info.rank}", arch="tiny", model_kwargs={"num_classes": CLASSES},
     )
     (out / f"rank{info.rank}.json").write_text(json.dumps({"world": info.world_size, "history": result["history"]}))
     distributed.cleanup()
@@ -347,9 +348,8 @@ def test_torchrun_two_ranks_agree_and_match_one_process(tmp_path):
     model = TinyNet()
     train = DataLoader(ClipDataset(n=16), batch_size=8, shuffle=False)
     val = DataLoader(ClipDataset(n=12, seed=1), batch_size=5, shuffle=False)
-    single = fit(model, train, val, epochs=2, optimizer=build_optimizer(model, lr=0.05),
-                 checkpoint_dir=tmp_path / "single", arch="tiny", model_kwargs={"num_classes": CLASSES},
-                 device="cpu", progress=False)  # fmt: skip
+    single = fit(model, train, val, FitConfig(2, progress=False), optimizer=build_optimizer(model, lr=0.05),
+                 checkpoint_dir=tmp_path / "single", arch="tiny", model_kwargs={"num_classes": CLASSES})  # fmt: skip
     for x, y in zip(comparable(single["history"]), comparable(rank0["history"])):
         for key in x:
             assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-6), key
@@ -378,9 +378,10 @@ WORLD_SCRIPT = textwrap.dedent(
         drawn[epoch] = [k for part in distributed.all_gather_objects(keys) for k in part]
     engine.seed_everything(0)
     model = engine.prepare_model(TinyNet(), info.device)
-    result = engine.fit(model, loader, None, epochs=2, optimizer=engine.build_optimizer(model, lr=0.05),
-                        checkpoint_dir=out / "ck", arch="tiny", model_kwargs={"num_classes": CLASSES},
-                        device=info.device, monitor="train_top1", progress=False)
+    result = engine.fit(model, loader, None, engine.FitConfig(2, device=info.device, monitor="train_top1",
+                                                              progress=False),
+                        optimizer=engine.build_optimizer(model, lr=0.05), checkpoint_dir=out / "ck", arch="tiny",
+                        model_kwargs={"num_classes": CLASSES})
     if distributed.is_main_process():
         (out / "world.json").write_text(json.dumps({"world": info.world_size, "drawn": drawn,
                                                     "history": result["history"]}))
@@ -439,9 +440,9 @@ def test_every_clip_counts_once_an_epoch_and_the_world_steps_as_one_process(tmp_
     model = TinyNet()
     one = make_train_loader(fifteen_videos / "splits" / "train.csv", fifteen_videos / "cache", clip_frames=4,
                             crop_size=16, batch_size=4 * world["world"], workers=0, seed=0)
-    single = fit(model, one, None, epochs=2, optimizer=build_optimizer(model, lr=0.05), checkpoint_dir=tmp_path / "one",
-                 arch="tiny", model_kwargs={"num_classes": CLASSES}, device="cpu", monitor="train_top1",
-                 progress=False)
+    single = fit(model, one, None, FitConfig(2, monitor="train_top1", progress=False),
+                 optimizer=build_optimizer(model, lr=0.05), checkpoint_dir=tmp_path / "one", arch="tiny",
+                 model_kwargs={"num_classes": CLASSES})
     for x, y in zip(comparable(single["history"]), comparable(world["history"])):
         assert x["train_clips"] == y["train_clips"] == 15
         for key in x:

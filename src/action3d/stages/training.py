@@ -104,11 +104,14 @@ def train(
             if has_val:
                 run.log_manifest(val_csv, context="val", digest=digests["val"])
         monitor = "val_video_top1" if has_val else "train_top1"
+        config = engine.FitConfig(
+            epochs=knobs.epochs, device=device, autocast_dtype=torch.bfloat16 if plan.autocast else None,
+            channels_last=knobs.channels_last, grad_clip=knobs.grad_clip, monitor=monitor,
+        )  # fmt: skip
         result = engine.fit(
-            model, train_loader, val_loader, epochs=knobs.epochs, optimizer=optimizer, scheduler=scheduler,
-            checkpoint_dir=store.folder, arch=arch, model_kwargs=model_kwargs, device=device,
-            autocast_dtype=torch.bfloat16 if plan.autocast else None, channels_last=knobs.channels_last,
-            grad_clip=knobs.grad_clip, monitor=monitor, on_epoch_end=_on_epoch(label, knobs.epochs, run, store, ctx),
+            model, train_loader, val_loader, config, optimizer=optimizer, scheduler=scheduler,
+            checkpoint_dir=store.folder, arch=arch, model_kwargs=model_kwargs,
+            on_epoch_end=_on_epoch(label, knobs.epochs, run, store, ctx),
             extra={"card": card},  # for `predict` and the served model
         )  # fmt: skip
         ctx.history = result["history"]
