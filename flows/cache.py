@@ -94,11 +94,8 @@ def cache(role: str = "pretrain", experiment: str | None = None, revision: str |
           retries: int = 2, deployment_name: str = SLICE_DEPLOYMENT) -> dict:
     """Build data.<role>'s cache on the pool, one slice per flow run; record it here as DVC would, push it."""
     ws = Workspace(root)
-    ws.check_remote(shared=True)
-    if not ws.has_git_remote("origin"):
-        raise WorkspaceError(f"{ws.root} has no git remote 'origin': the workers clone the revision from there")
-    if revision:
-        print(f"checked out {revision} = {ws.checkout(revision)}")
+    if commit := ws.ready_for_pool(revision):
+        print(f"checked out {revision} = {commit}")
     params = load_params(ws.root / "params.yaml")
     if role not in params.data:
         raise WorkspaceError(f"no data.{role} in params.yaml; the sets are: {', '.join(params.data)}")

@@ -81,11 +81,8 @@ def train(stage: str = "scratch@pretrain", nnodes: int = 2, rdzv_endpoint: str |
           root: str = ".", deployment_name: str = NODE_DEPLOYMENT) -> dict:
     """Train `stage` on `nnodes` workers of the pool at once (one node run each), as one DVC stage run."""
     ws = Workspace(root)
-    ws.check_remote(shared=True)
-    if not ws.has_git_remote("origin"):
-        raise WorkspaceError(f"{ws.root} has no git remote 'origin': the nodes clone the revision from there")
-    if revision:
-        print(f"checked out {revision} = {ws.checkout(revision)}")
+    if commit := ws.ready_for_pool(revision):
+        print(f"checked out {revision} = {commit}")
     # nnodes is one of the stage's knobs (the global batch): set here too, so that dvc.lock is asked about this run
     overrides = [*(overrides or []), f"{section_of(stage)}.nnodes={nnodes}"]
     params = load_params(ws.root / "params.yaml", overrides)

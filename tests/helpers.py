@@ -161,6 +161,79 @@ def serve(argv: Sequence[str], *, port: int, health_path: str = "/", env: Mappin
             log.close()
 
 
+# --- the project on a Prefect work pool, as users run it -------------------------------------------------------------
+
+
+def run_in(cwd: Path, *argv, env: Mapping[str, str], check: bool = True, timeout: float = 900
+           ) -> subprocess.CompletedProcess:
+    """`argv` in `cwd` with exactly `env` (nothing of this process's environment added), as a user's shell runs it;
+    an AssertionError with the output's tail when it fails and `check`."""
+    done = subprocess.run([str(a) for a in argv], cwd=cwd, env=dict(env), capture_output=True, text=True,
+                          timeout=timeout)
+    if check:
+        assert done.returncode == 0, f"{argv} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done
+
+
+def pool_env(folder: Path) -> dict[str, str]:
+    """The environment of a test that runs the project's flows on workers: the venv's commands first, no telemetry,
+    Prefect's state and a throwaway git config under `folder`, and neither the suite's PYTHONPATH nor a tracking
+    URI from outside (a worker's clone runs its own code, with the store it is given)."""
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
+           "MLFLOW_DISABLE_TELEMETRY": "true", "PREFECT_HOME": str(folder / "prefect-home"),
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "GIT_CONFIG_GLOBAL": str(folder / "gitconfig")}
+    for name in ("PYTHONPATH", "MLFLOW_TRACKING_URI"):
+        env.pop(name, None)
+    return env
+
+
+def pool_project(folder: Path, overrides: Sequence[str], bucket: str, env: Mapping[str, str]) -> tuple[Path, Path]:
+    """(project, origin): the project with tiny params and `overrides`, moto's `bucket` as its DVC remote
+    (committed), and `origin`, the bare clone its workers clone from."""
+    project = make_project_repo(folder / "project", overrides)
+    run_in(project, BIN / "action3d", "remote", "setup", f"s3://{bucket}/dvc", env=env)
+    run_in(project, "git", "commit", "-qam", "the DVC remote", env=env)
+    origin = folder / "origin.git"
+    run_in(folder, "git", "clone", "-q", "--bare", project, origin, env=env)
+    run_in(project, "git", "remote", "add", "origin", origin, env=env)
+    return project, origin
+
+
+@contextmanager
+def prefect_pool(folder: Path, project: Path, origin: Path, env: dict[str, str], *, pool: str,
+                 worker_env: Mapping[str, str] | None = None, workers: int = 2) -> Iterator[list[Path]]:
+    """A Prefect server on loopback (`env` gets its PREFECT_API_URL), the gpu and cpu process pools, the project's
+    deployments from `origin`, and `workers` process workers of `pool` (two machines, one flow run at a time each),
+    with `worker_env` added. Yields their log files (folder/worker-<i>.log); on exit the workers stop, then the
+    server."""
+    port = free_port()
+    env["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
+    server = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    with serve(server, port=port, health_path="/api/health", env=env, log_path=folder / "prefect-server.log",
+               timeout=240):
+        for name in ("gpu", "cpu"):
+            run_in(project, BIN / "prefect", "work-pool", "create", name, "--type", "process", env=env)
+        run_in(project, sys.executable, "flows/deploy.py", "--repository", origin, "--require-remote", env=env)
+        started, logs = [], []
+        try:
+            for i in range(1, workers + 1):
+                (folder / f"worker-{i}").mkdir()
+                logs.append(folder / f"worker-{i}.log")
+                started.append(subprocess.Popen(
+                    [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--limit", "1"],
+                    cwd=folder / f"worker-{i}", env={**env, **(worker_env or {})}, stdout=open(logs[-1], "wb"),
+                    stderr=subprocess.STDOUT, start_new_session=True))
+            yield logs
+        finally:
+            for worker in started:
+                os.killpg(worker.pid, signal.SIGTERM)
+            for worker in started:
+                try:
+                    worker.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    os.killpg(worker.pid, signal.SIGKILL)
+
+
 @dataclass(frozen=True)
 class MotoServer:
     """A moto server: its URL and the AWS variables that send boto3, DVC and MLflow to it."""

@@ -5,6 +5,13 @@ what is stale, records `dvc.lock` and caches the outputs. Commands run as subpro
 `dvc` and `action3d` first on PATH) with the workspace's own `src/` first on PYTHONPATH, so a worker's fresh clone
 runs the code of the revision it checked out, not whatever the worker's venv was installed from.
 
+What reads the repository goes through DVC's Python API (`dvc.repo.Repo`: the stage graph, status, outputs and their
+cache listings, metrics, config). What runs stages or moves data (`repro`, `pull`, `push`, `exp save`, `exp push`)
+is the `dvc` command on purpose: a stage's training must be a process of its own that a cancelled flow stops with its
+process group, its output streams into the flow's log as it comes, and DVC changes the working directory and holds
+repository locks for the whole call, which a long-lived flow process must not inherit. Nothing parses their output:
+which stage commands ran, each says itself (`RAN_LOG`).
+
     ws = Workspace(".")
     ws.check(overrides=["finetune.lr=0.01"], targets=["finetune"], remote=True)  # fails before any work starts
     ws.set_params(["finetune.lr=0.01"])          # as `dvc exp run -S`: params.yaml edited, comments kept
@@ -318,6 +325,15 @@ class Workspace:
 
     def has_git_remote(self, name: str = "origin") -> bool:
         return name in self.run("git", "remote", check=False).stdout.split()
+
+    def ready_for_pool(self, revision: str | None = None) -> str | None:
+        """What a flow that hands work to a pool's workers needs here first: a DVC remote every worker reaches, a
+        git remote `origin` they clone from, and `revision` checked out (its commit returned; None when not given).
+        A WorkspaceError names what is missing."""
+        self.check_remote(shared=True)
+        if not self.has_git_remote("origin"):
+            raise WorkspaceError(f"{self.root} has no git remote 'origin': the workers clone the revision from there")
+        return self.checkout(revision) if revision else None
 
     def save_experiment(self, name: str, stages: list[str] | tuple[str, ...] = ()) -> None:
         """`dvc exp save -n NAME`: the workspace's params, metrics and outputs as an experiment on HEAD; `stages`

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -18,18 +17,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import BIN, free_port, make_project_repo, serve
+from tests.helpers import BIN, pool_env, pool_project, prefect_pool, run_in
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 SLICES = ["cache.slices=[0, 1]", "cache.shard_mb=0.05"]  # two slices, a few shards each
-
-
-def _run(cwd: Path, *argv, env: dict, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
-    done = subprocess.run([str(a) for a in argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    if check:
-        assert done.returncode == 0, f"{argv} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-    return done
 
 
 def _own_code(env: dict, clone: Path) -> dict:
@@ -61,59 +53,29 @@ def _kill_once(slice_list: str, mine: str, stop: threading.Event, killed: list) 
 
 
 def test_two_workers_build_the_slices_and_dvc_records_them_as_one_machine_would(tmp_path, s3_bucket, s3_env):
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
-           "MLFLOW_DISABLE_TELEMETRY": "true", "PREFECT_HOME": str(tmp_path / "prefect-home"),
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "GIT_CONFIG_GLOBAL": str(tmp_path / "gitconfig")}
-    for name in ("PYTHONPATH", "MLFLOW_TRACKING_URI"):
-        env.pop(name, None)
-    project = make_project_repo(tmp_path / "project", SLICES)
-    _run(project, BIN / "action3d", "remote", "setup", f"s3://{s3_bucket}/dvc", env=env)
-    _run(project, "git", "commit", "-qam", "the DVC remote", env=env)
-    origin = tmp_path / "origin.git"
-    _run(tmp_path, "git", "clone", "-q", "--bare", project, origin, env=env)
-    _run(project, "git", "remote", "add", "origin", origin, env=env)
+    env = pool_env(tmp_path)
+    project, origin = pool_project(tmp_path, SLICES, s3_bucket, env)
 
     # the reference: one machine builds both slices with `dvc repro`
     single = tmp_path / "single"
-    _run(tmp_path, "git", "clone", "-q", "-b", "main", origin, single, env=env)
-    _run(single, BIN / "dvc", "repro", "cache@pretrain-0", "cache@pretrain-1", env=_own_code(env, single))
+    run_in(tmp_path, "git", "clone", "-q", "-b", "main", origin, single, env=env)
+    run_in(single, BIN / "dvc", "repro", "cache@pretrain-0", "cache@pretrain-1", env=_own_code(env, single))
     reference = _cache_locks(single)
     assert len(reference) == 2
 
-    port = free_port()
-    env["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
-    server = [BIN / "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
-    with serve([str(a) for a in server], port=port, health_path="/api/health", env=env,
-               log_path=tmp_path / "prefect-server.log", timeout=240):
-        for pool in ("gpu", "cpu"):
-            _run(project, BIN / "prefect", "work-pool", "create", pool, "--type", "process", env=env)
-        _run(project, sys.executable, "flows/deploy.py", "--repository", origin, "--require-remote", env=env)
-        workers = []
-        for i in (1, 2):  # two machines of the pool, one flow run at a time each
-            (tmp_path / f"worker-{i}").mkdir()
-            workers.append(subprocess.Popen(
-                [str(BIN / "prefect"), "worker", "start", "--pool", "cpu", "--limit", "1"], cwd=tmp_path / f"worker-{i}",
-                env=env, stdout=open(tmp_path / f"worker-{i}.log", "wb"), stderr=subprocess.STDOUT,
-                start_new_session=True))
+    with prefect_pool(tmp_path, project, origin, env, pool="cpu") as worker_logs:
         stop, killed = threading.Event(), []
         killer = threading.Thread(target=_kill_once, args=("data/splits/pretrain/slices/1.csv",
                                                            f"PREFECT_HOME={env['PREFECT_HOME']}", stop, killed))
         killer.start()
         try:
-            flow = _run(project, sys.executable, "flows/cache.py", "--role", "pretrain", "--name", "ci-cache",
-                        env=env, timeout=900)
+            flow = run_in(project, sys.executable, "flows/cache.py", "--role", "pretrain", "--name", "ci-cache",
+                          env=env, timeout=900)
         finally:
             stop.set()
             killer.join()
-            for worker in workers:
-                os.killpg(worker.pid, signal.SIGTERM)
-            for worker in workers:
-                try:
-                    worker.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    os.killpg(worker.pid, signal.SIGKILL)
 
-        logs = "".join((tmp_path / f"worker-{i}.log").read_text(errors="replace") for i in (1, 2))
+        logs = "".join(log.read_text(errors="replace") for log in worker_logs)
         said = flow.stdout + flow.stderr  # Prefect logs the flow's prints on stderr
         assert killed, "the slice-1 build was never seen running"
         assert "2 slice(s) built on the pool" in said, said[-3000:] + logs[-3000:]
@@ -144,12 +106,12 @@ def test_two_workers_build_the_slices_and_dvc_records_them_as_one_machine_would(
 
     # a laptop: the experiment from origin, its data from S3, nothing to run
     laptop = tmp_path / "laptop"
-    _run(tmp_path, "git", "clone", "-q", "-b", "main", origin, laptop, env=env)
+    run_in(tmp_path, "git", "clone", "-q", "-b", "main", origin, laptop, env=env)
     mine = _own_code(env, laptop)
-    _run(laptop, BIN / "dvc", "exp", "pull", "origin", "ci-cache", env=mine)
-    _run(laptop, BIN / "dvc", "exp", "branch", "ci-cache", "cache-built", env=mine)
-    _run(laptop, "git", "checkout", "-q", "cache-built", env=mine)
-    _run(laptop, BIN / "dvc", "pull", "cache@pretrain-0", "cache@pretrain-1", env=mine)
-    again = _run(laptop, BIN / "dvc", "repro", "cache@pretrain-0", "cache@pretrain-1", env=mine)
+    run_in(laptop, BIN / "dvc", "exp", "pull", "origin", "ci-cache", env=mine)
+    run_in(laptop, BIN / "dvc", "exp", "branch", "ci-cache", "cache-built", env=mine)
+    run_in(laptop, "git", "checkout", "-q", "cache-built", env=mine)
+    run_in(laptop, BIN / "dvc", "pull", "cache@pretrain-0", "cache@pretrain-1", env=mine)
+    again = run_in(laptop, BIN / "dvc", "repro", "cache@pretrain-0", "cache@pretrain-1", env=mine)
     assert "Running stage" not in again.stdout, again.stdout
     assert _cache_locks(laptop) == reference

@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -20,18 +19,11 @@ import pytest
 import torch
 import yaml
 
-from tests.helpers import BIN, free_port, make_project_repo, serve
+from tests.helpers import BIN, free_port, pool_env, pool_project, prefect_pool, run_in
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 EPOCHS = 4
-
-
-def _run(cwd: Path, *argv, env: dict, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
-    done = subprocess.run([str(a) for a in argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    if check:
-        assert done.returncode == 0, f"{argv} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-    return done
 
 
 def _history(path: Path) -> list[dict[str, float]]:
@@ -78,73 +70,39 @@ def _kill_a_rank_mid_run(mine: str, stop: threading.Event, killed: list) -> None
 
 
 def test_two_nodes_train_one_stage_as_one_run_and_survive_a_killed_rank(tmp_path, s3_bucket, s3_env):
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
-           "MLFLOW_DISABLE_TELEMETRY": "true", "PREFECT_HOME": str(tmp_path / "prefect-home"),
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "GIT_CONFIG_GLOBAL": str(tmp_path / "gitconfig"),
-           "OMP_NUM_THREADS": "1"}
-    for name in ("PYTHONPATH", "MLFLOW_TRACKING_URI"):
-        env.pop(name, None)
+    env = {**pool_env(tmp_path), "OMP_NUM_THREADS": "1"}
     knobs = [f"scratch.pretrain.epochs={EPOCHS}", "scratch.pretrain.batch_size=2", "scratch.pretrain.workers=0"]
-    project = make_project_repo(tmp_path / "project", knobs)
-    _run(project, BIN / "action3d", "remote", "setup", f"s3://{s3_bucket}/dvc", env=env)
-    _run(project, "git", "commit", "-qam", "the DVC remote", env=env)
-    origin = tmp_path / "origin.git"
-    _run(tmp_path, "git", "clone", "-q", "--bare", project, origin, env=env)
-    _run(project, "git", "remote", "add", "origin", origin, env=env)
+    project, origin = pool_project(tmp_path, knobs, s3_bucket, env)
     store = f"sqlite:///{project / 'mlflow.db'}"
 
     # the yardstick: one machine, two processes, the same global batch (2 x 2)
     single = tmp_path / "single"
-    _run(tmp_path, "git", "clone", "-q", "-b", "main", origin, single, env=env)
-    _run(single, BIN / "dvc", "exp", "run", "-S", "scratch.pretrain.nproc=2", "scratch@pretrain",
-         env={**env, "PYTHONPATH": str(single / "src")})
+    run_in(tmp_path, "git", "clone", "-q", "-b", "main", origin, single, env=env)
+    run_in(single, BIN / "dvc", "exp", "run", "-S", "scratch.pretrain.nproc=2", "scratch@pretrain",
+           env={**env, "PYTHONPATH": str(single / "src")})
     reference = _history(single / "runs/scratch/pretrain/history.csv")
     assert len(reference) == EPOCHS
 
-    port = free_port()
-    env["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
-    server = [BIN / "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
-    with serve([str(a) for a in server], port=port, health_path="/api/health", env=env,
-               log_path=tmp_path / "prefect-server.log", timeout=240):
-        for pool in ("gpu", "cpu"):
-            _run(project, BIN / "prefect", "work-pool", "create", pool, "--type", "process", env=env)
-        _run(project, sys.executable, "flows/deploy.py", "--repository", origin, "--require-remote", env=env)
-        workers = []
-        for i in (1, 2):  # two machines of the pool, one flow run at a time each
-            (tmp_path / f"worker-{i}").mkdir()
-            workers.append(subprocess.Popen(
-                [str(BIN / "prefect"), "worker", "start", "--pool", "gpu", "--limit", "1"], cwd=tmp_path / f"worker-{i}",
-                env={**env, "MLFLOW_TRACKING_URI": store}, stdout=open(tmp_path / f"worker-{i}.log", "wb"),
-                stderr=subprocess.STDOUT, start_new_session=True))
+    def train(name: str):
+        return run_in(project, sys.executable, "flows/train.py", "--stage", "scratch@pretrain", "--nnodes", "2",
+                      "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--name", name, env=env)
 
-        def train(name: str) -> subprocess.CompletedProcess:
-            return _run(project, sys.executable, "flows/train.py", "--stage", "scratch@pretrain", "--nnodes", "2",
-                        "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--name", name, env=env)
-
+    with prefect_pool(tmp_path, project, origin, env, pool="gpu", worker_env={"MLFLOW_TRACKING_URI": store}) as worker_logs:
+        first = train("ci-2nodes")
+        between = time.time() * 1000
+        mine = f"PREFECT_HOME={env['PREFECT_HOME']}"
+        stop, killed = threading.Event(), []
+        killer = threading.Thread(target=_kill_a_rank_mid_run, args=(mine, stop, killed))
+        killer.start()
         try:
-            first = train("ci-2nodes")
-            between = time.time() * 1000
-            mine = f"PREFECT_HOME={env['PREFECT_HOME']}"
-            stop, killed = threading.Event(), []
-            killer = threading.Thread(target=_kill_a_rank_mid_run, args=(mine, stop, killed))
-            killer.start()
-            try:
-                second = train("ci-2nodes-killed")
-            finally:
-                stop.set()
-                killer.join()
-            time.sleep(2)
-            left = _ranks(mine)
+            second = train("ci-2nodes-killed")
         finally:
-            for worker in workers:
-                os.killpg(worker.pid, signal.SIGTERM)
-            for worker in workers:
-                try:
-                    worker.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    os.killpg(worker.pid, signal.SIGKILL)
+            stop.set()
+            killer.join()
+        time.sleep(2)
+        left = _ranks(mine)
 
-    logs = "".join((tmp_path / f"worker-{i}.log").read_text(errors="replace") for i in (1, 2))
+    logs = "".join(log.read_text(errors="replace") for log in worker_logs)
     assert "trained on 2 nodes" in first.stdout + first.stderr, (first.stdout + first.stderr)[-3000:] + logs[-4000:]
     assert "trained on 2 nodes" in second.stdout + second.stderr, logs[-4000:]
     assert killed, "no training rank was seen to kill"
@@ -160,11 +118,11 @@ def test_two_nodes_train_one_stage_as_one_run_and_survive_a_killed_rank(tmp_path
 
     for name in ("ci-2nodes", "ci-2nodes-killed"):  # both as the one-machine run: the killed one resumed exactly
         laptop = tmp_path / f"laptop-{name}"
-        _run(tmp_path, "git", "clone", "-q", "-b", "main", origin, laptop, env=env)
-        _run(laptop, BIN / "dvc", "exp", "pull", "origin", name, env=env)
-        _run(laptop, BIN / "dvc", "exp", "branch", name, f"b-{name}", env=env)
-        _run(laptop, "git", "checkout", "-q", f"b-{name}", env=env)
-        _run(laptop, BIN / "dvc", "pull", "scratch@pretrain", env=env)
+        run_in(tmp_path, "git", "clone", "-q", "-b", "main", origin, laptop, env=env)
+        run_in(laptop, BIN / "dvc", "exp", "pull", "origin", name, env=env)
+        run_in(laptop, BIN / "dvc", "exp", "branch", name, f"b-{name}", env=env)
+        run_in(laptop, "git", "checkout", "-q", f"b-{name}", env=env)
+        run_in(laptop, BIN / "dvc", "pull", "scratch@pretrain", env=env)
         lock = yaml.safe_load((laptop / "dvc.lock").read_text())["stages"]
         assert "scratch@pretrain" in lock  # recorded by DVC, by node 0
         _same(_history(laptop / "runs/scratch/pretrain/history.csv"), reference)
