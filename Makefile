@@ -53,6 +53,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/training.py
 	$(BIN)/python benchmarks/end_to_end.py
 	$(BIN)/python benchmarks/multinode.py
+	$(BIN)/python benchmarks/commands.py
 	$(BIN)/python benchmarks/scale.py --routes packed folder
 
 # Scheduled runs on one machine (README, "Scheduled runs"): `make prefect-server` in one terminal, `make worker` in
