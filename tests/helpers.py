@@ -214,15 +214,15 @@ def prefect_pool(folder: Path, project: Path, origin: Path, env: dict[str, str],
         for name in ("gpu", "cpu"):
             run_in(project, BIN / "prefect", "work-pool", "create", name, "--type", "process", env=env)
         run_in(project, sys.executable, "flows/deploy.py", "--repository", origin, "--require-remote", env=env)
-        started, logs = [], []
+        started, logs = [], [folder / f"worker-{i}.log" for i in range(1, workers + 1)]
         try:
-            for i in range(1, workers + 1):
-                (folder / f"worker-{i}").mkdir()
-                logs.append(folder / f"worker-{i}.log")
-                started.append(subprocess.Popen(
-                    [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--limit", "1"],
-                    cwd=folder / f"worker-{i}", env={**env, **(worker_env or {})}, stdout=open(logs[-1], "wb"),
-                    stderr=subprocess.STDOUT, start_new_session=True))
+            for log in logs:
+                (folder / log.stem).mkdir()
+                with open(log, "wb") as out:  # the worker holds its own copy of the descriptor
+                    started.append(subprocess.Popen(
+                        [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--limit", "1"],
+                        cwd=folder / log.stem, env={**env, **(worker_env or {})}, stdout=out,
+                        stderr=subprocess.STDOUT, start_new_session=True))
             yield logs
         finally:
             for worker in started:

@@ -30,11 +30,12 @@ def _fsync_dir(folder: Path) -> None:
 @contextlib.contextmanager
 def replacing(path: str | os.PathLike) -> Iterator[Path]:
     """A temporary file beside `path` for the block to write, renamed over `path` when the block ends without an
-    error and removed otherwise. It keeps `path`'s suffix, so a writer that wants a file name and infers the format
-    from it (matplotlib, PyAV, boto3's download) writes through here as well as `atomic_write` does."""
+    error and removed otherwise: for a writer that wants a file name (matplotlib, PyAV, boto3's download; tell it
+    the format, the name ends in .tmp). A crash leaves `.<name>.<random>.tmp`, which no `*.csv` or `*.json` glob
+    of a reader picks up."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(name)
     try:

@@ -80,7 +80,7 @@ def _cmd_models(args: argparse.Namespace) -> None:
 
     # measured once and shipped (action3d/models/summary.py, checked against the models by a unit test): printed
     # without importing torch or building the zoo
-    rows = json.loads(files("action3d").joinpath("models", "table.json").read_text())
+    rows = json.loads(files("action3d").joinpath("model_table.json").read_text())
     print(format_model_table([row for row in rows if not args.filter or args.filter in row["name"]]))
 
 

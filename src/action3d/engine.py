@@ -158,7 +158,7 @@ def build_scheduler(
     - ``cosine``: linear warmup over `warmup_epochs`, then a cosine from the base lr down to 0 at `epochs`.
 
     multistep and cosine count epochs and are stepped once per epoch, unless `steps_per_epoch` is given: then they
-    count optimiser steps (smoother warmup) and must be stepped every step (`fit(..., scheduler_interval="step")`).
+    count optimiser steps (smoother warmup) and must be stepped every step (`FitConfig(..., scheduler_interval="step")`).
     """
     if name == "plateau":
         if steps_per_epoch is not None:

@@ -33,7 +33,7 @@ def _save(fig, path: Path, dpi: int = 120) -> None:
     plt = _pyplot()
     try:
         with replacing(path) as tmp:
-            fig.savefig(tmp, dpi=dpi)
+            fig.savefig(tmp, dpi=dpi, format=Path(path).suffix.lstrip(".") or "png")
     finally:
         plt.close(fig)
 

@@ -186,7 +186,9 @@ class Workspace:
 
     def repro(self, stage: str, *, pull: bool = False, single: bool = False, force: bool = False,
               env: dict[str, str] | None = None) -> list[str]:
-        """`dvc repro STAGE` (and whatever upstream is stale); returns the stages DVC ran, [] when up to date.
+        """`dvc repro STAGE` (and whatever upstream is stale); returns the stages whose command ran, [] when up to
+        date or restored from DVC's run cache (each `action3d stage` command reports itself: a stage whose command
+        is something else never shows here).
         `pull`: outputs of up-to-date stages and missing inputs come from the DVC remote instead of being made.
         `single`: this stage alone (`--single-item`), for callers that run the stages in order themselves. `force`:
         run its command even if DVC has its result (a multi-node stage's other nodes wait for this one to join).
@@ -196,7 +198,7 @@ class Workspace:
         with tempfile.TemporaryDirectory() as tmp:  # each stage command that runs names itself there
             log = Path(tmp) / "ran"
             self.run(*argv, echo=True, env={**(env or {}), RAN_LOG: str(log)})
-            return log.read_text().split() if log.is_file() else []
+            return list(dict.fromkeys(log.read_text().split())) if log.is_file() else []  # a restart: once
 
     def is_current(self, stage: str) -> bool:
         """Whether dvc.lock's entry for `stage` matches its command, deps and params here: its outputs are then the

@@ -2,8 +2,9 @@
 
 Networks are built on the "meta" device (shapes only, no memory) and their forward FLOPs counted there with torch's
 FlopCounterMode: seconds for the whole zoo, which is still several times the cost of importing torch. So the table
-ships with the package (table.json, written by `python -m action3d.models.summary`) and `action3d models` prints it
-without importing torch; a unit test measures the models again and fails when the file no longer matches them.
+ships with the package (action3d/model_table.json, written by `python -m action3d.models.summary`) and `action3d
+models` prints it without importing torch; a unit test measures the models again and fails when the file no longer
+matches them.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from action3d.atomic import write_json
 
 from .registry import create_model, list_models, model_family
 
-TABLE = Path(__file__).with_name("table.json")  # model_table() at its defaults: what `action3d models` prints
+# model_table() at its defaults, what `action3d models` prints: outside models/, a dep of the training stages, so
+# that rewriting it never makes one stale
+TABLE = Path(__file__).parents[1] / "model_table.json"
 
 
 def _meta_model(name: str, **kwargs) -> torch.nn.Module:

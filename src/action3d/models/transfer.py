@@ -122,10 +122,6 @@ class LoadedCheckpoint:
     head_replaced: bool
 
 
-
-
-
-
 # --- weights into models: transfer and rebuild -------------------------------------------------------------------
 
 
