@@ -87,7 +87,8 @@ def test_two_nodes_train_one_stage_as_one_run_and_survive_a_killed_rank(tmp_path
         return run_in(project, sys.executable, "flows/train.py", "--stage", "scratch@pretrain", "--nnodes", "2",
                       "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--name", name, env=env)
 
-    with prefect_pool(tmp_path, project, origin, env, pool="gpu", worker_env={"MLFLOW_TRACKING_URI": store}) as worker_logs:
+    tracked = {"MLFLOW_TRACKING_URI": store}  # what `make worker` gives a worker on the project's machine
+    with prefect_pool(tmp_path, project, origin, env, pool="gpu", worker_env=tracked) as worker_logs:
         first = train("ci-2nodes")
         between = time.time() * 1000
         mine = f"PREFECT_HOME={env['PREFECT_HOME']}"
