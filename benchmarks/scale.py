@@ -305,11 +305,10 @@ def main() -> None:
 
 
 def write(results: list[dict], out: Path) -> None:
+    from action3d.atomic import write_atomic_text
+
     data = {"cpu": cpu_kind(), "date": time.strftime("%Y-%m-%d"), "results": results}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, out)
+    write_atomic_text(out, json.dumps(data, indent=2) + "\n")
     plot(results, out.with_suffix(".png"))
 
 

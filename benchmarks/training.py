@@ -535,10 +535,10 @@ def build_cases(args, device: torch.device) -> list[Case]:
 
 
 def write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    """All or nothing, in the order written (action3d.atomic's write_json sorts the keys)."""
+    from action3d.atomic import write_atomic_text
+
+    write_atomic_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def main(argv=None) -> dict:
