@@ -69,8 +69,8 @@ def model_problems(params: Params) -> list[str]:
     """The model builds and has the module fine-tuning starts from; the weights fine-tuning starts from exist (or
     scratch@pretrain makes them) and fit it."""
     from action3d.checkpoint import CheckpointError
-    from action3d.models.transfer import check_fits
     from action3d.models import create_model, is_model, list_models
+    from action3d.models.transfer import check_fits
 
     name, kwargs = params.model.name, params.model.kwargs
     if not is_model(name):

@@ -17,10 +17,9 @@ from action3d.stages import RunContext, source_run
 def build_model(params: Params, n_classes: int, pretrained: str | Path):
     """The model to fine-tune and its trainable parameters. Seeded: same params, same new head."""
     from action3d.checkpoint import read_checkpoint
-    from action3d.models.transfer import load_pretrained, model_from_checkpoint
     from action3d.engine import seed_everything
     from action3d.models import create_model
-    from action3d.models.transfer import freeze_before
+    from action3d.models.transfer import freeze_before, load_pretrained, model_from_checkpoint
 
     seed_everything(params.seed)  # the new head is part of the run
     ckpt = read_checkpoint(pretrained)
