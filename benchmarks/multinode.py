@@ -136,8 +136,9 @@ def main() -> None:
               "scaling_efficiency": round((second / results[args.layouts[1]]["world"])
                                           / (first / results[args.layouts[0]]["world"]), 3)}
     out = Path(args.out) if args.out else RESULTS / f"multinode_{kind}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    from action3d.atomic import write_atomic_text
+
+    write_atomic_text(out, json.dumps(report, indent=2) + "\n")
     for name, r in results.items():
         print(f"{name}: {r['clips_per_s']} clips/s over a world of {r['world']} (repeats {r['repeats']})")
     print(f"{args.layouts[1]} / {args.layouts[0]}: {second / first:.3f}; wrote {out}")
